@@ -1,0 +1,29 @@
+"""Argument checks that fail loudly: every error names the argument, what was expected and what was given."""
+import torch
+
+
+def fail(arg: str, expected: str, given, kind=ValueError):
+    raise kind(f"{arg}: expected {expected}, got {given}")
+
+
+def check_tensor(arg: str, x, *, ndim=None, dtype_kind=None):
+    """dtype_kind: 'bool', 'int' or 'float'."""
+    if not isinstance(x, torch.Tensor):
+        fail(arg, "a torch.Tensor", type(x).__name__, TypeError)
+    if ndim is not None and x.ndim != ndim:
+        fail(arg, f"a {ndim}-d tensor", f"shape {tuple(x.shape)}")
+    if dtype_kind == "bool" and x.dtype != torch.bool:
+        fail(arg, "dtype torch.bool", x.dtype, TypeError)
+    if dtype_kind == "int" and (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool):
+        fail(arg, "an integer dtype", x.dtype, TypeError)
+    if dtype_kind == "float" and not x.dtype.is_floating_point:
+        fail(arg, "a floating-point dtype", x.dtype, TypeError)
+    return x
+
+
+def check_positive_int(arg: str, value, *, allow_none=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        fail(arg, "a positive int" + (" or None" if allow_none else ""), repr(value))
+    return value

@@ -1,0 +1,120 @@
+"""The public entry point: ``bbm.attention(q, k, v, mask)``.
+
+Validates, applies a mask's token reordering, and dispatches:
+  * full or exactly causal masks on CUDA -> PyTorch SDPA (its fastest backend);
+  * other masks on CUDA -> the Triton block-sparse kernels;
+  * CPU tensors -> the exact PyTorch reference that walks the same tile metadata.
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from bbm._checks import check_tensor, fail
+from bbm.masks import Mask
+from bbm.reference import reference_attention
+
+BACKENDS = ("auto", "sdpa", "triton", "reference")
+
+
+def _validate(q, k, v, mask, scale, backend):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, ndim=4, dtype_kind="float")
+    b, hq, n_q, d = q.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        fail("k/v", f"batch {b} like q", f"k batch {k.shape[0]}, v batch {v.shape[0]}")
+    if k.shape != v.shape:
+        fail("v", f"shape {tuple(k.shape)} like k", f"shape {tuple(v.shape)}")
+    if k.shape[-1] != d:
+        fail("k", f"head dim {d} like q", k.shape[-1])
+    hkv = k.shape[1]
+    if hkv == 0 or hq % hkv:
+        fail("q/k heads", "Hq divisible by Hkv", f"Hq={hq}, Hkv={hkv}")
+    if min(n_q, k.shape[2], d) == 0:
+        fail("q/k", "non-empty sequence and head dims", f"q {tuple(q.shape)}, k {tuple(k.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            fail(name, f"dtype {q.dtype} like q", t.dtype, TypeError)
+        if t.device != q.device:
+            fail(name, f"device {q.device} like q", t.device)
+    if mask is not None:
+        if not isinstance(mask, Mask):
+            fail("mask", "a bbm.Mask or None (build one with bbm.Mask.from_dense / from_documents / ...)",
+                 type(mask).__name__, TypeError)
+        mask.check_against(b, hq, n_q, k.shape[2])
+        if mask.device != q.device:
+            fail("mask", f"device {q.device} like q", mask.device)
+    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0):
+        fail("scale", "a positive float or None", repr(scale))
+    if backend not in BACKENDS:
+        fail("backend", f"one of {BACKENDS}", repr(backend))
+
+
+def _sdpa(q, k, v, causal: bool, scale: float):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _triton(q, k, v, mask, scale):
+    from bbm.kernels import flash_attention  # imported lazily: CPU users never load Triton kernels
+    return flash_attention(q, k, v, mask, scale)
+
+
+def choose_backend(q, mask: Optional[Mask]) -> str:
+    """What ``backend="auto"`` runs for these inputs."""
+    if not q.is_cuda:
+        return "reference"
+    if mask is None or mask.exactly_causal:
+        return "sdpa"
+    return "triton"
+
+
+def attention(q, k, v, mask: Optional[Mask] = None, *, scale: Optional[float] = None,
+              backend: str = "auto") -> torch.Tensor:
+    """Softmax attention restricted to the pairs ``mask`` allows.
+
+    q ``(B, Hq, Nq, D)``, k and v ``(B, Hkv, Nk, D)`` with ``Hq % Hkv == 0`` (GQA/MQA). ``mask=None`` is
+    full attention. ``scale`` defaults to ``1/sqrt(D)``. A query with no allowed key outputs zeros and
+    gets zero gradient. ``backend`` forces a path ("sdpa", "triton", "reference"); "auto" picks the
+    fastest exact one. Differentiable in q, k and v."""
+    _validate(q, k, v, mask, scale, backend)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if backend == "auto":
+        backend = choose_backend(q, mask)
+    if mask is not None and mask.perm is not None:  # work in the reordered token order, then undo it
+        perm = mask.perm
+        q, k, v = (t.index_select(2, perm) for t in (q, k, v))
+    if backend == "sdpa":
+        if mask is None:
+            out = _sdpa(q, k, v, False, scale)
+        elif mask.exactly_causal:
+            out = _sdpa(q, k, v, True, scale)
+        else:
+            dense = mask.dense if mask.dense is not None else mask.to_dense()
+            out = _masked_sdpa(q, k, v, dense, scale)
+    else:
+        if mask is None:
+            mask = Mask.from_ranges(*_full_bounds(q.shape[0], q.shape[2], k.shape[2], q.device), n_k=k.shape[2])
+        fn = _triton if backend == "triton" else reference_attention
+        out = fn(q, k, v, mask, scale)
+    if mask is not None and mask.perm is not None:
+        out = out.index_select(2, torch.argsort(mask.perm))
+    return out.to(q.dtype)
+
+
+def _full_bounds(b, n_q, n_k, device):
+    lo = torch.zeros(1, n_q, dtype=torch.int32, device=device)
+    return lo, torch.full_like(lo, n_k)
+
+
+def _masked_sdpa(q, k, v, allowed, scale):
+    """SDPA with a dense bool mask. Rows with no allowed key (NaN in SDPA) attend to key 0 and are then
+    zeroed, so they output zeros and pass no gradient."""
+    has_key = allowed.any(-1, keepdim=True)
+    first = torch.zeros_like(allowed)
+    first[..., 0] = True
+    allowed = allowed | (first & ~has_key)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale,
+                                         enable_gqa=k.shape[1] != q.shape[1])
+    return torch.where(has_key, out, torch.zeros((), dtype=out.dtype, device=out.device))

@@ -1,0 +1,154 @@
+"""Tile metadata: classify each (query tile, key tile) as empty / partial / full and compact the lists.
+
+Everything here is vectorised tensor code on the mask's device: no Python loop over tokens or tiles.
+
+Layout of :class:`BlockMeta` (``Bm`` is 1 or the batch, ``Hm`` is 1 or the number of query heads):
+
+* ``q_count_full``, ``q_count``: int32 ``(Bm, Hm, num_m)``. Query tile ``m`` visits the key tiles
+  ``q_idx[b, h, m, :q_count[b, h, m]]``; the first ``q_count_full`` of them are full (no element mask),
+  the rest partial. Entries past ``q_count`` are -1.
+* ``k_count_full``, ``k_count``, ``k_idx``: the transpose, per key tile, listing query tiles (backward).
+* Partial tiles decide each element either from ``ranges`` (structured masks; int32 ``(Bm, 4, Nq)``
+  holding ``lo0, hi0, lo1, hi1``: key ``j`` is allowed for query ``i`` iff ``lo0 <= j < hi0`` or
+  ``lo1 <= j < hi1``) or from bit-packed tiles (arbitrary masks): ``tile_bits`` int32
+  ``(P, block_m, block_n // 32)`` for the ``P`` partial tiles only, and ``bits_index`` int32
+  ``(Bm, Hm, num_m, num_n)`` giving each partial tile's row in ``tile_bits`` (-1 elsewhere). Element
+  ``(r, c)`` of a tile is bit ``c % 32`` of word ``c // 32`` of row ``r``.
+
+"Full" means every in-bounds pair of the tile is allowed; keys past ``Nk`` in the last key tile are never
+allowed and kernels bound-check them separately.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class BlockMeta:
+    block_m: int
+    block_n: int
+    num_m: int
+    num_n: int
+    classes: torch.Tensor  # int8 (Bm, Hm, num_m, num_n): EMPTY / PARTIAL / FULL
+    q_count_full: torch.Tensor
+    q_count: torch.Tensor
+    q_idx: torch.Tensor
+    k_count_full: torch.Tensor
+    k_count: torch.Tensor
+    k_idx: torch.Tensor
+    ranges: Optional[torch.Tensor] = None
+    tile_bits: Optional[torch.Tensor] = None
+    bits_index: Optional[torch.Tensor] = None
+
+    def summary(self) -> dict:
+        """Counts of empty / partial / full tiles over every (batch, head) the mask distinguishes."""
+        c = self.classes
+        return {
+            "block_m": self.block_m,
+            "block_n": self.block_n,
+            "tiles": c.numel(),
+            "empty": int((c == EMPTY).sum()),
+            "partial": int((c == PARTIAL).sum()),
+            "full": int((c == FULL).sum()),
+        }
+
+
+def compact(classes: torch.Tensor):
+    """Per row of the last two dims: full column indices first, then partial, then -1 padding."""
+    cols = classes.shape[-1]
+    full = classes == FULL
+    part = classes == PARTIAL
+    n_full = full.sum(-1, dtype=torch.int32)
+    n_part = part.sum(-1, dtype=torch.int32)
+    pos_full = full.cumsum(-1) - 1
+    pos_part = part.cumsum(-1) - 1 + n_full.unsqueeze(-1)
+    dump = torch.full_like(pos_full, cols)  # empty tiles are scattered into a column that is cut off
+    pos = torch.where(full, pos_full, torch.where(part, pos_part, dump))
+    idx = torch.full((*classes.shape[:-1], cols + 1), -1, dtype=torch.int32, device=classes.device)
+    src = torch.arange(cols, dtype=torch.int32, device=classes.device).expand_as(pos)
+    idx.scatter_(-1, pos, src)
+    return n_full, n_full + n_part, idx[..., :cols].contiguous()
+
+
+def _build(classes: torch.Tensor, block_m: int, block_n: int, **extra) -> BlockMeta:
+    classes = classes.to(torch.int8)
+    qf, qc, qi = compact(classes)
+    kf, kc, ki = compact(classes.transpose(-1, -2))
+    return BlockMeta(block_m, block_n, classes.shape[-2], classes.shape[-1], classes,
+                     qf, qc, qi, kf, kc, ki, **extra)
+
+
+def _tile_reduce(x: torch.Tensor, n: int, block: int, fill: int, op: str) -> torch.Tensor:
+    """Reduce (Bm, n) along tiles of `block` rows, padding the tail with `fill`: -> (Bm, tiles)."""
+    tiles = -(-n // block)
+    pad = tiles * block - n
+    if pad:
+        x = torch.cat([x, x.new_full((x.shape[0], pad), fill)], dim=1)
+    x = x.view(x.shape[0], tiles, block)
+    return x.amin(-1) if op == "min" else x.amax(-1)
+
+
+def ranges_meta(ranges: torch.Tensor, n_k: int, block_m: int, block_n: int) -> BlockMeta:
+    """Classify tiles of a structured mask from its per-query key intervals, in O(N / block) tensors.
+
+    A tile is non-empty when some interval of its rows meets it (bounds over the rows, so a tile whose
+    rows' intervals leave a gap can be visited as partial: never wrong, at worst slower). It is full
+    when one interval of every row covers it.
+    """
+    n_q = ranges.shape[-1]
+    big = 2**31 - 1
+    num_n = -(-n_k // block_n)
+    start = torch.arange(num_n, device=ranges.device, dtype=torch.int32) * block_n
+    end = torch.clamp(start + block_n, max=n_k)
+    nonempty = None
+    full = None
+    for j in range(2):  # the two intervals of every row
+        lo, hi = ranges[:, 2 * j], ranges[:, 2 * j + 1]
+        used = lo < hi
+        lo_min = _tile_reduce(torch.where(used, lo, big), n_q, block_m, big, "min")
+        hi_max = _tile_reduce(torch.where(used, hi, -1), n_q, block_m, -1, "max")
+        lo_max = _tile_reduce(lo, n_q, block_m, -big, "max")  # tail rows do not exist: neutral fill
+        hi_min = _tile_reduce(torch.where(used, hi, -1), n_q, block_m, big, "min")
+        meets = (lo_min[..., None] < end) & (hi_max[..., None] > start)
+        covers = (lo_max[..., None] <= start) & (hi_min[..., None] >= end)
+        nonempty = meets if nonempty is None else nonempty | meets
+        full = covers if full is None else full | covers
+    classes = torch.where(full, FULL, torch.where(nonempty, PARTIAL, EMPTY)).unsqueeze(1)
+    return _build(classes, block_m, block_n, ranges=ranges)
+
+
+def pack_bits(tiles: torch.Tensor) -> torch.Tensor:
+    """bool (P, bm, bn) -> int32 (P, bm, bn // 32), element c in bit c % 32 of word c // 32."""
+    p, bm, bn = tiles.shape
+    weights = torch.ones(32, dtype=torch.int64, device=tiles.device) << torch.arange(32, device=tiles.device)
+    words = (tiles.view(p, bm, bn // 32, 32).to(torch.int64) * weights).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_bits(words: torch.Tensor) -> torch.Tensor:
+    """int32 (..., w) -> bool (..., 32 * w)."""
+    shifts = torch.arange(32, device=words.device, dtype=torch.int32)
+    bits = (words.unsqueeze(-1) >> shifts) & 1
+    return bits.flatten(-2).bool()
+
+
+def dense_meta(allowed: torch.Tensor, block_m: int, block_n: int) -> BlockMeta:
+    """Classify tiles of an arbitrary bool mask (Bm, Hm, Nq, Nk) and bit-pack its partial tiles."""
+    if block_n % 32:
+        raise ValueError(f"block_n: expected a multiple of 32 for a dense mask, got {block_n}")
+    bm_, hm_, n_q, n_k = allowed.shape
+    num_m, num_n = -(-n_q // block_m), -(-n_k // block_n)
+    pad = (0, num_n * block_n - n_k, 0, num_m * block_m - n_q)
+    padded_false = torch.nn.functional.pad(allowed, pad, value=False)
+    tiles = padded_false.view(bm_, hm_, num_m, block_m, num_n, block_n).transpose(3, 4)
+    nonempty = tiles.any(-1).any(-1)
+    padded_true = torch.nn.functional.pad(allowed, pad, value=True)
+    full = padded_true.view(bm_, hm_, num_m, block_m, num_n, block_n).all(-1).all(-2)
+    classes = torch.where(full, FULL, torch.where(nonempty, PARTIAL, EMPTY))
+    partial = classes == PARTIAL
+    bits_index = torch.where(partial, partial.flatten().cumsum(0).view_as(partial) - 1, -1).to(torch.int32)
+    tile_bits = pack_bits(tiles[partial].contiguous())
+    return _build(classes, block_m, block_n, tile_bits=tile_bits, bits_index=bits_index)
