@@ -1,0 +1,45 @@
+"""Float64 dense references for tests and benchmarks (independent of the tile metadata)."""
+import math
+
+import torch
+
+
+def dense_attention(q, k, v, allowed, scale=None):
+    """softmax(q k^T * scale, restricted to `allowed`) v in float64; rows with no allowed key give 0.
+    q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D), allowed bool broadcastable to (B, Hq, Nq, Nk) or None."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    q, k, v = (t.double() for t in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = (q @ k.transpose(-1, -2)) * scale
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # fully masked rows: all -inf -> NaN -> 0
+    return p @ v
+
+
+def random_qkv(b, hq, hkv, n_q, n_k, d, dtype=torch.float32, device="cpu", requires_grad=True):
+    q = torch.randn(b, hq, n_q, d, dtype=dtype, device=device)
+    k = torch.randn(b, hkv, n_k, d, dtype=dtype, device=device)
+    v = torch.randn(b, hkv, n_k, d, dtype=dtype, device=device)
+    return tuple(t.requires_grad_(requires_grad) for t in (q, k, v))
+
+
+def random_doc_ids(b, n, max_docs, generator=None, device="cpu"):
+    """(B, N) int32 document ids: each row cut at random points into up to `max_docs` runs."""
+    rows = []
+    for _ in range(b):
+        cuts = torch.randint(0, n, (max_docs - 1,), generator=generator)
+        start = torch.zeros(n, dtype=torch.int32)
+        start[cuts] = 1
+        start[0] = 0
+        rows.append(start.cumsum(0))
+    return torch.stack(rows).to(torch.int32).to(device)
+
+
+def grads_against_reference(q, k, v, out, ref):
+    """Backprop the same random cotangent through `out` and the float64 `ref`; return pairs of grads."""
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(ref, (q, k, v), g.double())
+    return list(zip(got, want))
