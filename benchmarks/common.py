@@ -1,0 +1,65 @@
+"""Shared benchmark inputs: document lengths from the Python standard library, packed doc ids, timing."""
+import json
+import os
+import platform
+import random
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+
+def stdlib_file_sizes(seed: int = 0):
+    """Byte sizes of the standard library's .py files (this interpreter's), shuffled with a fixed seed."""
+    root = Path(os.path.dirname(os.__file__))
+    sizes = sorted(p.stat().st_size for p in root.rglob("*.py") if p.stat().st_size > 0)
+    random.Random(seed).shuffle(sizes)
+    return sizes
+
+
+def packed_doc_ids(n: int, lengths, batch: int = 1, device="cpu") -> torch.Tensor:
+    """(batch, n) int32 ids: consecutive documents of the given lengths (cycled, the last one cut at n)."""
+    rows, i = [], 0
+    for _ in range(batch):
+        ids, filled, doc = [], 0, 0
+        while filled < n:
+            length = min(max(1, lengths[i % len(lengths)]), n - filled)
+            ids.append(torch.full((length,), doc, dtype=torch.int32))
+            filled, doc, i = filled + length, doc + 1, i + 1
+        rows.append(torch.cat(ids))
+    return torch.stack(rows).to(device)
+
+
+def timed(fn, device, repeat: int = 20, warmup: int = 3) -> float:
+    """Median milliseconds of fn() (CUDA events on GPU, perf_counter on CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def environment(device) -> dict:
+    import triton
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {"card": card, "torch": torch.__version__, "triton": triton.__version__, "date": date.today().isoformat()}
+
+
+def write_json(path, payload):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
