@@ -17,6 +17,7 @@ from bbm.masks.blocks import BlockMeta, dense_meta, ranges_meta, unpack_bits
 from bbm.masks.reorder import rcm_permutation
 
 DEFAULT_BLOCK = 64
+SPARSE_DENSITY = 0.1  # below this, reorder="auto" tries Reverse Cuthill-McKee
 
 
 class Mask:
@@ -55,11 +56,12 @@ class Mask:
         return cls(n_q=r.shape[-1], n_k=n_k, ranges=r.contiguous())
 
     @classmethod
-    def from_dense(cls, allowed, *, reorder: Optional[str] = None):
+    def from_dense(cls, allowed, *, reorder: Optional[str] = "auto"):
         """``allowed``: bool ``(B or 1, H or 1, Nq, Nk)``, True = may attend.
 
         ``reorder="rcm"`` permutes tokens with Reverse Cuthill-McKee so scattered non-zeros gather into
-        fewer tiles (needs Nq == Nk); ``"auto"`` keeps the permutation only if it touches fewer tiles.
+        fewer tiles (needs Nq == Nk). ``"auto"`` (default) tries it on extremely sparse square masks
+        (density < 10%) and keeps it only if it touches fewer tiles; ``None`` never reorders.
         ``bbm.attention`` applies and undoes the permutation, so results are unchanged."""
         check_tensor("allowed", allowed, ndim=4, dtype_kind="bool")
         if reorder not in (None, "rcm", "auto"):
@@ -68,7 +70,7 @@ class Mask:
         if n_q == 0 or n_k == 0:
             fail("allowed", "non-empty query and key dims", f"shape {tuple(allowed.shape)}")
         mask = cls(n_q=n_q, n_k=n_k, dense=allowed.contiguous())
-        if reorder is None:
+        if reorder is None or (reorder == "auto" and (n_q != n_k or mask.density >= SPARSE_DENSITY)):
             return mask
         if n_q != n_k:
             fail("reorder", "a square mask (Nq == Nk) to reorder", f"Nq={n_q}, Nk={n_k}")
