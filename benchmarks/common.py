@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+RESULTS = Path(__file__).resolve().parent / "results"
+
 
 def stdlib_file_sizes(seed: int = 0):
     """Byte sizes of the standard library's .py files (this interpreter's), shuffled with a fixed seed."""

@@ -7,7 +7,7 @@ import argparse
 import torch
 
 import bbm
-from common import environment, packed_doc_ids, stdlib_file_sizes, timed, write_json
+from common import RESULTS, environment, packed_doc_ids, stdlib_file_sizes, timed, write_json
 
 
 def tensor_bytes(*tensors):
@@ -19,7 +19,7 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--sizes", default="8192,16384,32768,65536,131072")
     ap.add_argument("--block", default="128,64", help="block_m,block_n of the tile lists")
-    ap.add_argument("--out", default="benchmarks/results/metadata.json")
+    ap.add_argument("--out", default=str(RESULTS / "metadata.json"))
     args = ap.parse_args()
     device = torch.device(args.device)
     bm, bn = (int(x) for x in args.block.split(","))

@@ -11,7 +11,7 @@ import time
 import torch
 
 import bbm
-from common import environment, write_json
+from common import RESULTS, environment, write_json
 
 
 def scattered_banded(n, bandwidth, seed=0):
@@ -27,7 +27,7 @@ def main():
     ap.add_argument("--sizes", default="1024,4096,8192")
     ap.add_argument("--bandwidths", default="8,64")
     ap.add_argument("--block", type=int, default=64)
-    ap.add_argument("--out", default="benchmarks/results/reorder.json")
+    ap.add_argument("--out", default=str(RESULTS / "reorder.json"))
     args = ap.parse_args()
     rows = []
     for n in (int(x) for x in args.sizes.split(",")):
