@@ -15,6 +15,14 @@ Layout of :class:`BlockMeta` (``Bm`` is 1 or the batch, ``Hm`` is 1 or the numbe
   ``(Bm, Hm, num_m, num_n)`` giving each partial tile's row in ``tile_bits`` (-1 elsewhere). Element
   ``(r, c)`` of a tile is bit ``c % 32`` of word ``c // 32`` of row ``r``.
 
+* ``q_order``: int32 ``(Bm * Hm * num_m,)``, the linear indices of ``(b, h, m)`` by decreasing
+  ``q_count`` (ties in index order); ``k_order``: int32 ``(Bm * num_n,)``, the linear indices of
+  ``(b, n)`` by decreasing ``k_count`` summed over the mask's heads. Kernels start the heaviest tiles
+  first so the light ones fill the tail.
+
+On CUDA, structured masks are classified and compacted by two Triton launches
+(``bbm.kernels.meta``); the result is identical to the PyTorch code below, which runs elsewhere.
+
 "Full" means every in-bounds pair of the tile is allowed; keys past ``Nk`` in the last key tile are never
 allowed and kernels bound-check them separately.
 """
@@ -39,6 +47,8 @@ class BlockMeta:
     k_count_full: torch.Tensor
     k_count: torch.Tensor
     k_idx: torch.Tensor
+    q_order: torch.Tensor
+    k_order: torch.Tensor
     ranges: Optional[torch.Tensor] = None
     tile_bits: Optional[torch.Tensor] = None
     bits_index: Optional[torch.Tensor] = None
@@ -73,12 +83,19 @@ def compact(classes: torch.Tensor):
     return n_full, n_full + n_part, idx[..., :cols].contiguous()
 
 
-def _build(classes: torch.Tensor, block_m: int, block_n: int, **extra) -> BlockMeta:
+def heaviest_first(counts: torch.Tensor) -> torch.Tensor:
+    """int32 linear indices of ``counts`` by decreasing value, ties in index order."""
+    return torch.sort(counts.flatten(), descending=True, stable=True).indices.to(torch.int32)
+
+
+def _build(classes: torch.Tensor, block_m: int, block_n: int, lists=None, **extra) -> BlockMeta:
+    """lists: (q_count_full, q_count, q_idx, k_count_full, k_count, k_idx) when already compacted."""
     classes = classes.to(torch.int8)
-    qf, qc, qi = compact(classes)
-    kf, kc, ki = compact(classes.transpose(-1, -2))
+    if lists is None:
+        lists = compact(classes) + compact(classes.transpose(-1, -2))
+    qf, qc, qi, kf, kc, ki = lists
     return BlockMeta(block_m, block_n, classes.shape[-2], classes.shape[-1], classes,
-                     qf, qc, qi, kf, kc, ki, **extra)
+                     qf, qc, qi, kf, kc, ki, heaviest_first(qc), heaviest_first(kc.sum(1)), **extra)
 
 
 def _tile_reduce(x: torch.Tensor, n: int, block: int, fill: int, op: str) -> torch.Tensor:
@@ -98,6 +115,10 @@ def ranges_meta(ranges: torch.Tensor, n_k: int, block_m: int, block_n: int) -> B
     rows' intervals leave a gap can be visited as partial: never wrong, at worst slower). It is full
     when one interval of every row covers it.
     """
+    if ranges.is_cuda:
+        from bbm.kernels.meta import ranges_lists  # imported lazily: CPU users never load Triton
+        classes, *lists = ranges_lists(ranges, n_k, block_m, block_n)
+        return _build(classes, block_m, block_n, lists, ranges=ranges)
     n_q = ranges.shape[-1]
     big = 2**31 - 1
     num_n = -(-n_k // block_n)

@@ -1,0 +1,104 @@
+"""Tile metadata of a structured (ranges) mask in two Triton launches, for the GPU.
+
+The same classification as ``bbm.masks.blocks.ranges_meta`` (vectorised PyTorch, ~100 small ops):
+``classify_kernel`` classifies one row of tiles per program from the row intervals' bounds and
+compacts it (full first, then partial, then -1); ``compact_kernel`` compacts one column per program
+into the transposed lists. Called by ``ranges_meta`` on CUDA tensors.
+"""
+import torch
+import triton
+import triton.language as tl
+
+BIG = 2**31 - 1
+
+
+@triton.jit
+def _compact(cls_ptr, stride, length, idx_ptr, count_full_ptr, count_ptr, CHUNK: tl.constexpr):
+    """Write the positions of FULL (2) entries of a line, then of PARTIAL (1) ones, then -1 padding."""
+    offs = tl.arange(0, CHUNK)
+    n_full = 0
+    for start in range(0, length, CHUNK):
+        pos = start + offs
+        c = tl.load(cls_ptr + pos * stride, mask=pos < length, other=0)
+        full = c == 2
+        tl.store(idx_ptr + n_full + tl.cumsum(full.to(tl.int32), 0) - 1, pos, mask=full)
+        n_full += tl.sum(full.to(tl.int32), 0)
+    count = n_full
+    for start in range(0, length, CHUNK):
+        pos = start + offs
+        c = tl.load(cls_ptr + pos * stride, mask=pos < length, other=0)
+        part = c == 1
+        tl.store(idx_ptr + count + tl.cumsum(part.to(tl.int32), 0) - 1, pos, mask=part)
+        count += tl.sum(part.to(tl.int32), 0)
+    for start in range(0, length, CHUNK):
+        pos = start + offs
+        tl.store(idx_ptr + pos, tl.full([CHUNK], -1, tl.int32), mask=(pos >= count) & (pos < length))
+    tl.store(count_full_ptr, n_full)
+    tl.store(count_ptr, count)
+
+
+@triton.jit
+def _bounds(ranges, rows, valid, n_q, j: tl.constexpr):
+    """Tile bounds of interval j over the rows: min lo / max hi of the used ones (meets a key tile?),
+    max lo / min hi over all rows, an unused one counting as hi = -1 (covers a key tile?)."""
+    lo = tl.load(ranges + (2 * j) * n_q + rows, mask=valid, other=0)
+    hi = tl.load(ranges + (2 * j + 1) * n_q + rows, mask=valid, other=0)
+    used = (lo < hi) & valid
+    lo_min = tl.min(tl.where(used, lo, 2147483647), 0)
+    hi_max = tl.max(tl.where(used, hi, -1), 0)
+    lo_max = tl.max(tl.where(valid, lo, -2147483647), 0)
+    hi_min = tl.min(tl.where(valid, tl.where(used, hi, -1), 2147483647), 0)
+    return lo_min, hi_max, lo_max, hi_min
+
+
+@triton.jit
+def classify_kernel(RANGES, CLASSES, Q_COUNT_FULL, Q_COUNT, Q_IDX, n_q, n_k, num_m, num_n,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr):
+    line = tl.program_id(0)  # (mask sample, query tile)
+    bm = line // num_m
+    m = line % num_m
+    offs = tl.arange(0, ROWS)
+    rows = m * BLOCK_M + offs
+    valid = (offs < BLOCK_M) & (rows < n_q)
+    ranges = RANGES + bm.to(tl.int64) * 4 * n_q
+    lo_min0, hi_max0, lo_max0, hi_min0 = _bounds(ranges, rows, valid, n_q, 0)
+    lo_min1, hi_max1, lo_max1, hi_min1 = _bounds(ranges, rows, valid, n_q, 1)
+    cls_row = CLASSES + line.to(tl.int64) * num_n
+    cols = tl.arange(0, CHUNK)
+    for start in range(0, num_n, CHUNK):  # classify: full if one interval covers the tile for every row
+        n = start + cols
+        lo = n * BLOCK_N
+        hi = tl.minimum(lo + BLOCK_N, n_k)
+        meets = ((lo_min0 < hi) & (hi_max0 > lo)) | ((lo_min1 < hi) & (hi_max1 > lo))
+        covers = ((lo_max0 <= lo) & (hi_min0 >= hi)) | ((lo_max1 <= lo) & (hi_min1 >= hi))
+        c = tl.where(covers, 2, tl.where(meets, 1, 0)).to(tl.int8)
+        tl.store(cls_row + n, c, mask=n < num_n)
+    tl.debug_barrier()  # the compaction below reads back what every thread of the program wrote
+    _compact(cls_row, 1, num_n, Q_IDX + line.to(tl.int64) * num_n, Q_COUNT_FULL + line, Q_COUNT + line, CHUNK)
+
+
+@triton.jit
+def compact_kernel(CLASSES, K_COUNT_FULL, K_COUNT, K_IDX, num_m, num_n, CHUNK: tl.constexpr):
+    line = tl.program_id(0)  # (mask sample, key tile)
+    bm = line // num_n
+    n = line % num_n
+    _compact(CLASSES + bm.to(tl.int64) * num_m * num_n + n, num_n, num_m, K_IDX + line.to(tl.int64) * num_m,
+             K_COUNT_FULL + line, K_COUNT + line, CHUNK)
+
+
+def ranges_lists(ranges: torch.Tensor, n_k: int, block_m: int, block_n: int):
+    """-> classes int8 (Bm, 1, num_m, num_n), then (count_full, count, idx) per query tile and per key
+    tile, int32, laid out as documented in bbm.masks.blocks."""
+    bm_, _, n_q = ranges.shape
+    num_m, num_n = -(-n_q // block_m), -(-n_k // block_n)
+    lines_q, lines_k = bm_ * num_m, bm_ * num_n
+    flat = torch.empty(2 * lines_q + 2 * lines_k + 2 * lines_q * num_n, dtype=torch.int32, device=ranges.device)
+    sizes = [lines_q, lines_q, lines_q * num_n, lines_k, lines_k, lines_k * num_m]
+    qf, qc, qi, kf, kc, ki = flat.split(sizes)
+    classes = torch.empty(bm_, 1, num_m, num_n, dtype=torch.int8, device=ranges.device)
+    chunk = min(1024, triton.next_power_of_2(max(num_m, num_n)))
+    classify_kernel[(lines_q,)](ranges, classes, qf, qc, qi, n_q, n_k, num_m, num_n, BLOCK_M=block_m,
+                                BLOCK_N=block_n, ROWS=triton.next_power_of_2(block_m), CHUNK=chunk)
+    compact_kernel[(lines_k,)](classes, kf, kc, ki, num_m, num_n, CHUNK=chunk)
+    return (classes, qf.view(bm_, 1, num_m), qc.view(bm_, 1, num_m), qi.view(bm_, 1, num_m, num_n),
+            kf.view(bm_, 1, num_n), kc.view(bm_, 1, num_n), ki.view(bm_, 1, num_n, num_m))
