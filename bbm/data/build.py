@@ -1,0 +1,149 @@
+"""Preparation: tokenise a source once into a dataset directory (see ``bbm.data.dataset``) with several
+processes and a progress bar. The directory is written under a temporary name and renamed at the end, so a
+crash never leaves a dataset that looks complete; an exception removes the temporary directory, and the next
+``prepare`` removes the ones left by processes that died on this host."""
+import hashlib
+import itertools
+import json
+import multiprocessing as mp
+import os
+import shutil
+import socket
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from bbm._checks import fail
+from bbm.data.config import DataConfig
+from bbm.data.dataset import FORMAT, META, OFFSETS, TOKENS
+from bbm.data.sources import iter_documents, list_files
+from bbm.data.tokenizer import load_tokenizer, token_dtype
+
+BATCH_BYTES = 1 << 22   # text per worker task
+BATCH_DOCS = 1024       # documents per worker task
+_WORKER = {}            # the tokenizer of this process (set by _init_worker)
+
+
+def prepare(cfg: DataConfig, *, progress: bool = True) -> Path:
+    """Tokenises ``cfg``'s source into ``cfg.cache_dir`` unless a dataset for the same source files
+    (paths, sizes, mtimes), text field, document limit and tokenizer (content hash) is there already;
+    returns the dataset directory."""
+    if not isinstance(cfg, DataConfig):
+        fail("cfg", "a bbm.data.DataConfig", type(cfg).__name__, TypeError)
+    files = list_files(cfg.source, cfg.path)
+    tok = load_tokenizer(cfg.tokenizer)
+    dtype = token_dtype(tok.vocab_size, cfg.token_dtype)
+    source = {"kind": cfg.source, "path": os.path.abspath(cfg.path) if cfg.path else None,
+              "text_field": cfg.text_field, "max_documents": cfg.max_documents}
+    stats = [(str(f), s.st_size, s.st_mtime_ns) for f in files for s in [f.stat()]]
+    key = hashlib.sha256(json.dumps([FORMAT, source, stats, tok.describe(), dtype.name]).encode()).hexdigest()
+    cache = Path(cfg.cache_dir)
+    final = cache / f"{cfg.source}-{tok.kind}-{key[:16]}"
+    if (final / META).is_file():
+        return final
+    cache.mkdir(parents=True, exist_ok=True)
+    _remove_stale(cache, final.name)
+    tmp = cache / f".{final.name}.tmp.{socket.gethostname()}.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        meta = {"format": FORMAT, "key": key, "source": source, "tokenizer": tok.describe(), "dtype": dtype.name}
+        _write(tmp, meta, cfg, files, dtype, progress)
+        os.rename(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (final / META).is_file():   # not the loss of a race against another preparer
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _write(tmp: Path, meta: dict, cfg: DataConfig, files, dtype, progress: bool):
+    # Documents in source order, empty ones left out, at most max_documents of them.
+    docs = (d for d in iter_documents(cfg.source, files, cfg.text_field) if d[1])
+    docs = itertools.islice(docs, cfg.max_documents)
+    one_per_file = cfg.source in ("stdlib", "text_dir")
+    total = min(len(files), cfg.max_documents or len(files)) if one_per_file else cfg.max_documents
+    lengths = []
+    with open(tmp / TOKENS, "wb") as out, \
+            tqdm(total=total, unit="doc", desc=f"prepare {cfg.source}", disable=not progress) as bar:
+        for doc_lengths, flat in _encoded(_batches(docs), cfg.tokenizer, dtype, cfg.num_workers):
+            flat.tofile(out)
+            lengths.append(doc_lengths)
+            bar.update(len(doc_lengths))
+    lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    if len(lengths) == 0:
+        fail("data.path", f"at least one non-empty document in source {cfg.source!r}",
+             f"none in {cfg.path or 'the standard library'!r}")
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    np.save(tmp / OFFSETS, offsets)
+    meta.update(num_documents=len(lengths), num_tokens=int(offsets[-1]))
+    (tmp / META).write_text(json.dumps(meta, indent=1))   # last: a directory with meta.json is complete
+
+
+def _batches(docs):
+    """Groups documents into worker tasks of about BATCH_BYTES of text."""
+    names, texts, size = [], [], 0
+    for name, text in docs:
+        names.append(name)
+        texts.append(text)
+        size += len(text)
+        if size >= BATCH_BYTES or len(names) >= BATCH_DOCS:
+            yield names, texts
+            names, texts, size = [], [], 0
+    if names:
+        yield names, texts
+
+
+def _encoded(batches, tokenizer: str, dtype, num_workers: int):
+    """(document lengths, concatenated ids) per batch, in batch order; at most 2 tasks per worker in flight."""
+    if num_workers == 1:
+        _init_worker(tokenizer, dtype)
+        yield from map(_encode, batches)
+        return
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with ctx.Pool(num_workers, _init_worker, (tokenizer, dtype)) as pool:
+        pending = deque()
+        for batch in batches:
+            pending.append(pool.apply_async(_encode, (batch,)))
+            if len(pending) >= 2 * num_workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _init_worker(tokenizer: str, dtype):
+    _WORKER["tok"], _WORKER["dtype"] = load_tokenizer(tokenizer), dtype
+
+
+def _encode(batch):
+    names, texts = batch
+    tok = _WORKER["tok"]
+    ids = tok.encode_batch(texts, names)
+    eod = np.array([tok.eod_id])
+    # Every document ends with the end-of-document token.
+    flat = np.concatenate([part for doc in ids for part in (doc, eod)]).astype(_WORKER["dtype"])
+    return np.array([len(doc) + 1 for doc in ids], dtype=np.int64), flat
+
+
+def _remove_stale(cache: Path, name: str):
+    """Removes temporary directories of ``name`` left by processes of this host that no longer run."""
+    prefix = f".{name}.tmp.{socket.gethostname()}."
+    for tmp in cache.glob(f"{prefix}*"):
+        pid = tmp.name[len(prefix):]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
