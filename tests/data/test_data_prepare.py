@@ -2,6 +2,9 @@
 import json
 import multiprocessing as mp
 import os
+import runpy
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -226,3 +229,16 @@ def test_parquet_bad_input(tmp_path):
         prepare(DataConfig(**cfg), progress=False)
     with pytest.raises(TypeError, match=rf"{path}:row 1: expected a string in the text field, got NoneType"):
         prepare(DataConfig(text_field="body", **cfg), progress=False)
+
+
+def test_cli(tmp_path, text_dir, texts, capsys, monkeypatch):
+    """data/prepare.py: a config's data: section, overridden by flags."""
+    config = tmp_path / "train.yaml"
+    config.write_text(f"model: {{}}\ndata:\n  source: text_dir\n  path: {text_dir}\n  max_documents: 3\n")
+    script = Path(__file__).resolve().parents[2] / "data" / "prepare.py"
+    monkeypatch.setattr(sys, "argv", ["prepare.py", "--config", str(config), "--cache-dir", str(tmp_path / "c"),
+                                      "--num-workers", "1", "--max-documents", "4", "--quiet"])
+    runpy.run_path(str(script), run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    assert json.loads("\n".join(lines[1:]))["num_documents"] == 4
+    assert [d.tolist() for d in documents(lines[0])] == byte_docs(texts[:4])
