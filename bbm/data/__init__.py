@@ -5,9 +5,9 @@
 """
 from bbm.data.build import prepare
 from bbm.data.config import DataConfig
-from bbm.data.dataset import TokenDataset
+from bbm.data.dataset import TokenDataset, write_dataset
 from bbm.data.loader import PackedLoader
 from bbm.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 __all__ = ["DataConfig", "prepare", "PackedLoader", "TokenDataset", "ByteTokenizer", "HFTokenizer",
-           "load_tokenizer"]
+           "load_tokenizer", "write_dataset"]

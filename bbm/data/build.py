@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from bbm._checks import fail
 from bbm.data.config import DataConfig
-from bbm.data.dataset import FORMAT, META, OFFSETS, TOKENS
+from bbm.data.dataset import FORMAT, META, TOKENS, finish_dataset
 from bbm.data.sources import iter_documents, list_files
 from bbm.data.tokenizer import load_tokenizer, token_dtype
 
@@ -79,10 +79,7 @@ def _write(tmp: Path, meta: dict, cfg: DataConfig, files, dtype, progress: bool)
     if len(lengths) == 0:
         fail("data.path", f"at least one non-empty document in source {cfg.source!r}",
              f"none in {cfg.path or 'the standard library'!r}")
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    np.save(tmp / OFFSETS, offsets)
-    meta.update(num_documents=len(lengths), num_tokens=int(offsets[-1]))
-    (tmp / META).write_text(json.dumps(meta, indent=1))   # last: a directory with meta.json is complete
+    finish_dataset(tmp, lengths, meta)
 
 
 def _batches(docs):

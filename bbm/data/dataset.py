@@ -6,7 +6,10 @@
 
 meta.json is written last and the directory is renamed into place after it, so a directory with a
 meta.json is complete."""
+import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +30,9 @@ class TokenDataset:
             fail("dataset_dir", f"format {FORMAT!r}", repr(self.meta.get("format")))
         self.num_tokens = int(self.meta["num_tokens"])
         self.num_documents = int(self.meta["num_documents"])
-        self.tokens = np.memmap(self.path / TOKENS, dtype=np.dtype(self.meta["dtype"]), mode="r",
-                                shape=(self.num_tokens,))
+        # A plain ndarray view of the memory map (indexing a np.memmap subclass costs more per call).
+        self.tokens = np.asarray(np.memmap(self.path / TOKENS, dtype=np.dtype(self.meta["dtype"]), mode="r",
+                                           shape=(self.num_tokens,)))
         self.offsets = np.load(self.path / OFFSETS)
         if self.offsets.shape != (self.num_documents + 1,) or int(self.offsets[-1]) != self.num_tokens:
             fail("dataset_dir", f"offsets.npy of {self.num_documents + 1} entries ending at {self.num_tokens}",
@@ -42,3 +46,34 @@ class TokenDataset:
 
     def document(self, d: int) -> np.ndarray:
         return np.asarray(self.tokens[self.offsets[d]:self.offsets[d + 1]])
+
+
+def finish_dataset(tmp: Path, lengths: np.ndarray, meta: dict):
+    """Writes offsets.npy and, last, meta.json (with the counts) into a dataset directory being built."""
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    np.save(tmp / OFFSETS, offsets)
+    meta.update(num_documents=len(lengths), num_tokens=int(offsets[-1]))
+    (tmp / META).write_text(json.dumps(meta, indent=1))
+
+
+def write_dataset(path, tokens: np.ndarray, lengths: np.ndarray, *, vocab_size: int, eod_id: int,
+                  pad_id: int, source: str = "arrays") -> Path:
+    """A dataset from token ids already in memory (each document's end-of-document token included), in the
+    dtype of ``tokens``; written under a temporary name and renamed."""
+    path = Path(path)
+    tokens, lengths = np.ascontiguousarray(tokens), np.asarray(lengths, dtype=np.int64)
+    if lengths.sum() != len(tokens) or (lengths < 1).any():
+        fail("lengths", f"positive document lengths summing to len(tokens)={len(tokens)}", int(lengths.sum()))
+    key = hashlib.sha256(tokens.tobytes() + lengths.tobytes()).hexdigest()
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp.mkdir(parents=True)
+    try:
+        tokens.tofile(tmp / TOKENS)
+        meta = {"format": FORMAT, "key": key, "source": {"kind": source}, "dtype": tokens.dtype.name,
+                "tokenizer": {"kind": "ids", "vocab_size": vocab_size, "eod_id": eod_id, "pad_id": pad_id}}
+        finish_dataset(tmp, lengths, meta)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

@@ -4,10 +4,11 @@ The stream of sequences depends only on (dataset, seq_len, shuffle_buffer, seed)
 documents with ``default_rng([seed, e])``, splits the long ones and packs them window after window
 (``bbm.data.packing``). Global batch g is the next ``world_size * batch_size`` sequences of that stream and
 rank r takes the r-th ``batch_size`` of them, so ranks are disjoint and together read every sequence once per
-epoch; a batch may straddle two epochs (nothing is dropped or repeated). A position is (epoch, window,
-index of the next sequence in the window; windows counted from 0 among those that hold sequences); resuming replays the planning (not the tokens) of that epoch up
-to it, so a resumed run reads exactly the batches it would have read, even with another batch size or
-world size."""
+epoch; a batch may straddle two epochs (nothing is dropped or repeated).
+
+A position is (epoch, window, index of the next sequence in the window), windows counted from 0 among those
+that hold sequences. Resuming replays the planning (not the tokens) of that epoch up to it, so a resumed run
+reads exactly the batches it would have read, even with another batch size or world size."""
 import queue
 import threading
 

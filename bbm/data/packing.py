@@ -112,32 +112,35 @@ def materialize(tokens, starts, lengths, doc_ends, seq_ptr, seq_len: int, pad_id
     """Sequences s = 0..S-1 made of pieces ``seq_ptr[s]:seq_ptr[s + 1]``; piece p is
     ``tokens[starts[p]:starts[p] + lengths[p]]`` of a document ending at ``doc_ends[p]`` (exclusive).
     Returns int64 tokens / labels / position_ids and int32 doc_ids, each (S, seq_len)."""
-    starts, lengths, doc_ends = (np.asarray(a, dtype=np.int64) for a in (starts, lengths, doc_ends))
-    seq_ptr = np.asarray(seq_ptr, dtype=np.int64)
-    n_seq = len(seq_ptr) - 1
-    seq_of_piece = np.repeat(np.arange(n_seq), np.diff(seq_ptr))
-    # Tokens before each piece, tokens per sequence, and where each piece starts in the flat output.
+    starts, lengths, doc_ends, seq_ptr = (np.asarray(a, dtype=np.int64) for a in (starts, lengths, doc_ends, seq_ptr))
+    n_seq, n_pieces = len(seq_ptr) - 1, np.diff(seq_ptr)
     cum = np.concatenate([[0], np.cumsum(lengths)])
     fill = cum[seq_ptr[1:]] - cum[seq_ptr[:-1]]
     if (fill > seq_len).any():
         fail("lengths", f"at most seq_len={seq_len} tokens per sequence", f"{int(fill.max())}")
-    piece_dst = seq_of_piece * seq_len + cum[:-1] - cum[seq_ptr[:-1]][seq_of_piece]
-    # Per token: its piece, its index inside the piece, its source and destination.
-    piece = np.repeat(np.arange(len(lengths)), lengths)
-    k = np.arange(len(piece)) - cum[piece]
-    src = starts[piece] + k
-    dst = piece_dst[piece] + k
-    nxt = src + 1
-    has_next = nxt < doc_ends[piece]
-    # Padding (after each sequence's pieces) is one more document with positions from 0.
-    col = np.arange(seq_len)
-    pad_pos = col[None, :] - fill[:, None]
-    out = {"tokens": np.full(n_seq * seq_len, pad_id, dtype=np.int64),
-           "labels": np.full(n_seq * seq_len, -100, dtype=np.int64),
-           "position_ids": np.maximum(pad_pos, 0).reshape(-1),
-           "doc_ids": np.repeat(np.diff(seq_ptr), seq_len).astype(np.int32)}
-    out["tokens"][dst] = tokens[src]
-    out["labels"][dst] = np.where(has_next, tokens[np.where(has_next, nxt, src)].astype(np.int64), -100)
-    out["position_ids"][dst] = k
-    out["doc_ids"][dst] = np.arange(len(lengths))[piece] - seq_ptr[:-1][seq_of_piece[piece]]
-    return {name: a.reshape(n_seq, seq_len) for name, a in out.items()}
+    # Segments in output order: each sequence's pieces, then its padding (maybe empty); segment i of a
+    # sequence is its document i.
+    piece_seg = np.arange(len(lengths)) + np.repeat(np.arange(n_seq), n_pieces)
+    pad_seg = seq_ptr[1:] + np.arange(n_seq)
+    seg_len, seg_start, seg_doc = (np.zeros(len(lengths) + n_seq, dtype=t) for t in (np.int64, np.int64, np.int32))
+    seg_len[piece_seg], seg_len[pad_seg] = lengths, seq_len - fill
+    seg_start[piece_seg] = starts
+    seg_doc[piece_seg], seg_doc[pad_seg] = np.arange(len(lengths)) - np.repeat(seq_ptr[:-1], n_pieces), n_pieces
+    seg_first = np.cumsum(seg_len) - seg_len
+    # Per output token: its position inside its segment, and where it comes from.
+    position = np.arange(n_seq * seq_len) - np.repeat(seg_first, seg_len)
+    token = np.take(tokens, np.repeat(seg_start, seg_len) + position, mode="clip").astype(np.int64)   # clip: padding
+    # Labels: the next token inside a piece; at a piece's end, the document's next token or -100.
+    label = np.empty_like(token)
+    label[:-1] = token[1:]
+    after = starts + lengths
+    has_next = after < doc_ends
+    following = tokens[np.where(has_next, after, 0)].astype(np.int64)
+    label[seg_first[piece_seg] + lengths - 1] = np.where(has_next, following, -100)
+    out = {"tokens": token.reshape(n_seq, seq_len), "labels": label.reshape(n_seq, seq_len),
+           "position_ids": position.reshape(n_seq, seq_len),
+           "doc_ids": np.repeat(seg_doc, seg_len).reshape(n_seq, seq_len)}
+    # Padding: the pad id, never a label.
+    padding = np.arange(seq_len)[None, :] >= fill[:, None]
+    out["tokens"][padding], out["labels"][padding] = pad_id, -100
+    return out

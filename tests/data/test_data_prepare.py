@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bbm.data import DataConfig, TokenDataset, load_tokenizer, prepare
+from bbm.data import DataConfig, TokenDataset, load_tokenizer, prepare, write_dataset
 from bbm.data import build
 from bbm.data.sources import list_files
 from bbm.data.tokenizer import token_dtype
@@ -225,7 +225,7 @@ def test_parquet_bad_input(tmp_path):
     path = tmp_path / "t.parquet"
     pq.write_table(pa.table({"body": ["a", None]}), path)
     cfg = dict(source="parquet", path=str(path), cache_dir=str(tmp_path / "c"), num_workers=1)
-    with pytest.raises(ValueError, match=rf"{path}: expected a column 'text' \(data.text_field\), got columns \['body'\]"):
+    with pytest.raises(ValueError, match=rf"{path}: expected a column 'text' .*, got columns \['body'\]"):
         prepare(DataConfig(**cfg), progress=False)
     with pytest.raises(TypeError, match=rf"{path}:row 1: expected a string in the text field, got NoneType"):
         prepare(DataConfig(text_field="body", **cfg), progress=False)
@@ -242,3 +242,16 @@ def test_cli(tmp_path, text_dir, texts, capsys, monkeypatch):
     lines = capsys.readouterr().out.splitlines()
     assert json.loads("\n".join(lines[1:]))["num_documents"] == 4
     assert [d.tolist() for d in documents(lines[0])] == byte_docs(texts[:4])
+
+
+def test_write_dataset_from_arrays(tmp_path):
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 50, 30)
+    tokens = rng.integers(0, 1000, lengths.sum()).astype(np.uint16)
+    path = write_dataset(tmp_path / "ids", tokens, lengths, vocab_size=1000, eod_id=999, pad_id=999)
+    ds = TokenDataset(path)
+    assert ds.tokens.dtype == np.uint16 and ds.lengths.tolist() == lengths.tolist()
+    assert np.array_equal(np.concatenate([ds.document(d) for d in range(30)]), tokens)
+    with pytest.raises(ValueError, match="lengths: expected positive document lengths summing to len"):
+        write_dataset(tmp_path / "bad", tokens, lengths + 1, vocab_size=1000, eod_id=999, pad_id=999)
+    assert cache_entries(tmp_path) == ["ids"]
