@@ -1,0 +1,240 @@
+"""bbm vs FlexAttention vs SDPA: forward, forward+backward, metadata build, effective TFLOP/s.
+
+    python benchmarks/attention.py [--masks docs,docs4,...] [--sizes 16384,32768] [--dims 128,64]
+        [--heads 16] [--kv-heads 16,4] [--out benchmarks/results/attention.json] [--sweep]
+    python benchmarks/attention.py --plot benchmarks/results/attention.json   # PNG from a JSON (no GPU)
+
+TFLOP/s count allowed pairs only: forward 4 D per pair per query head, backward 2.5x the forward.
+FlexAttention runs compiled, its BlockMask built once (its build timed separately, plain and with
+create_block_mask compiled). SDPA: flash and cuDNN for the exactly causal mask, a dense bool mask
+(efficient kernel) up to --sdpa-dense-max tokens. --sweep also times every candidate tile config.
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import bbm
+from attention_masks import MASKS, build
+from common import environment, timed, write_json
+
+META_TILE = (128, 128)
+
+
+def wall_ms(fn, repeat: int = 20, warmup: int = 2) -> float:
+    """Median wall-clock milliseconds from launch to finished on the GPU (CPU-bound work included)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def fwd_bwd(fn, q, k, v, grad):
+    return lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), grad)
+
+
+def guarded(fn):
+    """fn() or None when it runs out of memory."""
+    try:
+        return fn()
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None
+
+
+def time_pair(fn, q, k, v, grad, repeat):
+    return (guarded(lambda: timed(lambda: fn(q, k, v), q.device, repeat=repeat)),
+            guarded(lambda: timed(fwd_bwd(fn, q, k, v, grad), q.device, repeat=repeat)))
+
+
+def flex_case(mask_mod, q, k, v, grad, n_q, n_k, repeat, row):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    dev = q.device
+    make = lambda: create_block_mask(mask_mod, None, None, n_q, n_k, device=dev)
+    row["flex_blockmask_ms"] = guarded(lambda: wall_ms(make, repeat=5, warmup=1))
+    compiled_make = torch.compile(create_block_mask)
+    make_c = lambda: compiled_make(mask_mod, None, None, n_q, n_k, device=dev)
+    row["flex_blockmask_compiled_ms"] = guarded(lambda: wall_ms(make_c, repeat=10))
+    block_mask = make_c()
+    flex = torch.compile(flex_attention, dynamic=False)
+    gqa = q.shape[1] != k.shape[1]
+    fn = lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    row["flex_fwd_ms"], row["flex_fwdbwd_ms"] = time_pair(fn, q, k, v, grad, repeat)
+    return fn
+
+
+def sdpa_cases(mask, q, k, v, grad, repeat, dense_max, row):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    F = torch.nn.functional
+    gqa = q.shape[1] != k.shape[1]
+    if mask.exactly_causal:
+        for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+            def fn(q, k, v, backend=backend):
+                with sdpa_kernel([backend]):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            try:
+                row[f"sdpa_{name}_fwd_ms"], row[f"sdpa_{name}_fwdbwd_ms"] = time_pair(fn, q, k, v, grad, repeat)
+            except RuntimeError as e:  # backend unavailable for these inputs
+                row[f"sdpa_{name}_error"] = str(e).splitlines()[0][:200]
+    elif max(mask.n_q, mask.n_k) <= dense_max:
+        allowed = mask.to_dense()
+        fn = lambda q, k, v: bbm.attention(q, k, v, bbm.Mask.from_dense(allowed), backend="sdpa")
+        row["sdpa_dense_fwd_ms"], row["sdpa_dense_fwdbwd_ms"] = time_pair(fn, q, k, v, grad, max(3, repeat // 4))
+
+
+def sweep(q, k, v, grad, mask, repeat, row):
+    """Every candidate tile config of bbm's kernels, forward and forward+backward."""
+    from bbm.kernels import flash_attention
+    from bbm.kernels.tuning import candidates
+    scale = q.shape[-1] ** -0.5
+    row["sweep"] = {}
+    for direction in ("fwd", "bwd"):
+        for cfg in candidates(q.shape[-1], direction):
+            fn = lambda q, k, v, cfg=cfg: flash_attention(q, k, v, mask, scale, cfg)
+            key = f"{direction} {cfg.block_m}x{cfg.block_n} w{cfg.fwd_warps} s{cfg.fwd_stages} | bwd {cfg.big}/{cfg.small} w{cfg.bwd_warps} s{cfg.bwd_stages}"
+            try:
+                row["sweep"][key] = time_pair(fn, q, k, v, grad, repeat)
+            except Exception as e:  # noqa: BLE001 - a config that fails to compile is reported, not fatal
+                row["sweep"][key] = str(e).splitlines()[0][:120]
+            print(f"    sweep {key}: {row['sweep'][key]}", flush=True)
+
+
+def run_case(name, n, d, heads, kv_heads, args, dev):
+    make_mask, mask_mod, n_q, n_k = build(name, n, dev)
+    g = torch.Generator(device=dev).manual_seed(n + d)
+    rnd = lambda h, length: torch.randn(1, h, length, d, device=dev, generator=g, dtype=torch.bfloat16).requires_grad_()
+    q, k, v = rnd(heads, n_q), rnd(kv_heads, n_k), rnd(kv_heads, n_k)
+    grad = torch.randn_like(q)
+    row = {"mask": name, "n": n, "n_q": n_q, "n_k": n_k, "d": d, "heads": heads, "kv_heads": kv_heads}
+    row["bbm_meta_ms"] = wall_ms(lambda: make_mask().block_meta(*META_TILE), repeat=args.repeat)
+    mask = make_mask()
+    pairs = mask.allowed_pairs() * heads
+    row.update(density=mask.density, fwd_tflop=4 * d * pairs / 1e12, tiles=mask.block_summary(*META_TILE))
+    row["bbm_backend"] = bbm.choose_backend(q, mask)
+    fn = lambda q, k, v: bbm.attention(q, k, v, mask)
+    row["bbm_fwd_ms"], row["bbm_fwdbwd_ms"] = time_pair(fn, q, k, v, grad, args.repeat)
+    if row["bbm_backend"] != "triton":  # also the Triton kernels themselves
+        tri = lambda q, k, v: bbm.attention(q, k, v, mask, backend="triton")
+        row["bbm_triton_fwd_ms"], row["bbm_triton_fwdbwd_ms"] = time_pair(tri, q, k, v, grad, args.repeat)
+    if not args.no_flex:
+        flex = flex_case(mask_mod, q, k, v, grad, n_q, n_k, args.repeat, row)
+        with torch.no_grad():
+            a, b = bbm.attention(q, k, v, mask).float(), flex(q, k, v).float()
+            row["rel_diff_vs_flex"] = ((a - b).norm() / b.norm()).item()
+    sdpa_cases(mask, q, k, v, grad, args.repeat, args.sdpa_dense_max, row)
+    if args.sweep:
+        sweep(q, k, v, grad, mask, args.repeat, row)
+    add_rates(row)
+    return row
+
+
+def add_rates(row):
+    """Effective TFLOP/s and bbm's time over each peer's."""
+    for key in [k for k in row if k.endswith("_ms") and ("fwd" in k)]:
+        if row[key]:
+            flop = row["fwd_tflop"] * (3.5 if key.endswith("fwdbwd_ms") else 1.0)
+            row[key[:-3] + "_tflops"] = flop / (row[key] / 1e3)
+    for peer in ("flex", "sdpa_flash", "sdpa_cudnn", "sdpa_dense"):
+        for what in ("fwd", "fwdbwd"):
+            mine, theirs = row.get(f"bbm_{what}_ms"), row.get(f"{peer}_{what}_ms")
+            if mine and theirs:
+                row[f"ratio_{what}_vs_{peer}"] = mine / theirs
+
+
+def fmt(x, spec="8.2f"):
+    return f"{x:{spec}}" if isinstance(x, (int, float)) else f"{'-':>8}"
+
+
+def print_table(rows):
+    head = (f"{'mask':>11} {'N':>6} {'D':>3} {'H':>5} {'dens':>5} | {'bbm fwd':>8} {'fwd+bwd':>8} {'TF/s':>5} "
+            f"{'meta':>6} | {'flex fwd':>8} {'fwd+bwd':>8} {'TF/s':>5} {'bmask':>8} {'bm cmp':>7} | "
+            f"{'ratio':>5} | {'sdpa f+b':>8}")
+    print(head)
+    for r in rows:
+        sdpa = r.get("sdpa_cudnn_fwdbwd_ms") or r.get("sdpa_flash_fwdbwd_ms") or r.get("sdpa_dense_fwdbwd_ms")
+        print(f"{r['mask']:>11} {r['n']:>6} {r['d']:>3} {r['heads']:>2}:{r['kv_heads']:<2} {r['density']:5.3f} | "
+              f"{fmt(r.get('bbm_fwd_ms'))} {fmt(r.get('bbm_fwdbwd_ms'))} {fmt(r.get('bbm_fwdbwd_tflops'), '5.0f')} "
+              f"{fmt(r.get('bbm_meta_ms'), '6.3f')} | {fmt(r.get('flex_fwd_ms'))} {fmt(r.get('flex_fwdbwd_ms'))} "
+              f"{fmt(r.get('flex_fwdbwd_tflops'), '5.0f')} {fmt(r.get('flex_blockmask_ms'))} "
+              f"{fmt(r.get('flex_blockmask_compiled_ms'), '7.2f')} | {fmt(r.get('ratio_fwdbwd_vs_flex'), '5.2f')} | "
+              f"{fmt(sdpa)}", flush=True)
+
+
+def plot(json_path, png_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    data = json.loads(Path(json_path).read_text())
+    rows = data["rows"]
+    panels = sorted({(r["mask"], r["d"], r["heads"], r["kv_heads"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (mask, d, h, hk) in zip(axes[0], panels):
+        sel = sorted((r for r in rows if (r["mask"], r["d"], r["heads"], r["kv_heads"]) == (mask, d, h, hk)),
+                     key=lambda r: r["n"])
+        for key, label in (("bbm_fwdbwd_tflops", "bbm"), ("bbm_triton_fwdbwd_tflops", "bbm Triton"),
+                           ("flex_fwdbwd_tflops", "FlexAttention"), ("sdpa_cudnn_fwdbwd_tflops", "SDPA cuDNN"),
+                           ("sdpa_flash_fwdbwd_tflops", "SDPA flash"), ("sdpa_dense_fwdbwd_tflops", "SDPA dense mask")):
+            pts = [(r["n"], r[key]) for r in sel if r.get(key)]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{mask} D={d} H={h}:{hk}", fontsize=9)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("fwd+bwd TFLOP/s (allowed pairs)")
+        ax.legend(fontsize=7)
+    env = data["env"]
+    fig.suptitle(f"{env['card']}, torch {env['torch']}, triton {env['triton']}, {env['date']}", fontsize=9)
+    fig.tight_layout()
+    tmp = Path(png_path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(png_path)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--masks", default="docs,docs4,causal")
+    ap.add_argument("--sizes", default="16384,32768,65536,131072")
+    ap.add_argument("--dims", default="128")
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--kv-heads", default="16", help="comma list; 4 with 16 heads is GQA 4:1")
+    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--sdpa-dense-max", type=int, default=32768)
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--out", default="benchmarks/results/attention.json")
+    ap.add_argument("--plot", metavar="JSON", help="only draw the PNG of an existing JSON")
+    args = ap.parse_args()
+    if args.plot:
+        plot(args.plot, Path(args.plot).with_suffix(".png"))
+        return
+    torch._dynamo.config.cache_size_limit = 256
+    dev = torch.device("cuda")
+    rows = []
+    for name in args.masks.split(","):
+        if name not in MASKS:
+            raise ValueError(f"--masks: expected names from {MASKS}, got {name!r}")
+        for d in (int(x) for x in args.dims.split(",")):
+            for kv in (int(x) for x in args.kv_heads.split(",")):
+                for n in (int(x) for x in args.sizes.split(",")):
+                    t0 = time.time()
+                    rows.append(run_case(name, n, d, args.heads, kv, args, dev))
+                    print(f"  [{name} N={n} D={d} {args.heads}:{kv} done in {time.time() - t0:.0f} s] "
+                          + json.dumps({k: v for k, v in rows[-1].items() if k != "sweep"}), flush=True)
+                    write_json(args.out, {"env": environment(dev), "rows": rows})
+    print_table(rows)
+    try:
+        plot(args.out, Path(args.out).with_suffix(".png"))
+    except ImportError:
+        print("matplotlib missing: draw the PNG elsewhere with --plot", args.out)
+
+
+if __name__ == "__main__":
+    main()
