@@ -53,6 +53,9 @@ class HFTokenizer:
             self.eod_token = EOD_NAMES[0]
             self.tok.add_special_tokens([self.eod_token])
         self.eod_id = self.pad_id = self.tok.token_to_id(self.eod_token)
+        # Special tokens written in a document are its text, not control ids (only preparation ends documents).
+        if hasattr(self.tok, "encode_special_tokens"):
+            self.tok.encode_special_tokens = True
         self.vocab_size = max(self.tok.get_vocab(with_added_tokens=True).values()) + 1
         with open(self.path, "rb") as f:
             self.sha256 = hashlib.sha256(f.read()).hexdigest()

@@ -38,10 +38,10 @@ def test_byte_round_trip(texts):
 def test_hf_round_trip(texts, hf_tokenizer):
     tok = load_tokenizer(hf_tokenizer)
     assert tok.eod_id == tok.tok.token_to_id("<|endoftext|>") and tok.vocab_size <= 300
-    for text in texts[:10] + random_texts(1, 5):
+    for text in texts[:10] + random_texts(1, 5) + ["a literal <|endoftext|> is text"]:
         ids = tok.encode(text)
         assert len(ids) < len(text.encode())   # BPE merged something
-        assert tok.decode(ids) == text
+        assert tok.decode(ids) == text and tok.eod_id not in ids
 
 
 def test_hf_tokenizer_without_eod_gets_one(tmp_path, texts):
