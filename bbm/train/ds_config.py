@@ -1,0 +1,32 @@
+"""The DeepSpeed config dict, built from the YAML's sections (never a separate JSON file)."""
+from bbm.train.config import TrainConfig
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            deep_merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+    ds = cfg.deepspeed
+    micro, accum = cfg.run.micro_batch_size, ds.gradient_accumulation_steps
+    zero = {"stage": ds.zero_stage, "contiguous_gradients": True}
+    if ds.zero_stage >= 1:
+        zero.update(overlap_comm=False, reduce_scatter=True, allgather_partitions=True)
+    config = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * world_size,
+        "gradient_clipping": ds.gradient_clipping,
+        "bf16": {"enabled": ds.bf16},
+        "fp16": {"enabled": False},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # the optimizer is torch's AdamW (no FusedAdam build)
+        "steps_per_print": 1 << 30,  # bbm logs its own metrics
+        "wall_clock_breakdown": False,
+    }
+    return deep_merge(config, ds.extra)

@@ -1,0 +1,71 @@
+"""FLOP counting that credits only the attention pairs a mask allows, peak throughput, and the timing
+of the chosen attention against dense causal SDPA on a batch's mask."""
+import time
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from bbm.model import BatchMask, attend
+
+# bf16 dense tensor-core peaks (TFLOP/s per device), matched against torch.cuda.get_device_name()
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
+
+
+def step_flops(matmul_params: int, tokens: int, n_layers: int, n_heads: int, head_dim: int, pairs: int) -> float:
+    """Training FLOPs (forward + backward): 6 * params * tokens + 12 * layers * heads * head_dim * pairs."""
+    return 6.0 * matmul_params * tokens + 12.0 * n_layers * n_heads * head_dim * pairs
+
+
+def dense_pairs(batch: int, seq_len: int) -> int:
+    """Pairs under the dense convention: every query with every key of its sequence (N^2)."""
+    return batch * seq_len * seq_len
+
+
+def peak_tflops(configured: Optional[float], device: torch.device) -> Optional[float]:
+    if configured is not None:
+        return configured
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in PEAK_TFLOPS.items():
+            if key in name:
+                return value
+    return None
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_fwd_bwd(fn, q, k, v, repeats: int) -> float:
+    """Best wall time (s) of forward + backward, after one warm-up call."""
+    best = float("inf")
+    for i in range(repeats + 1):
+        for t in (q, k, v):
+            t.grad = None
+        _sync(q.device)
+        start = time.perf_counter()
+        fn(q, k, v).backward(torch.ones_like(q))
+        _sync(q.device)
+        if i:
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def attention_gain(batch_mask: BatchMask, n_heads: int, n_kv_heads: int, head_dim: int, dtype, device,
+                   repeats: int = 2) -> dict:
+    """Times one layer's attention (fwd + bwd) on this batch's mask with the chosen backend and with dense
+    causal SDPA, on random q, k, v of the model's shape; gain = dense time / chosen time."""
+    b, n = batch_mask.batch, batch_mask.mask.n_q
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rand(h):
+        return torch.randn(b, h, n, head_dim, device=device, dtype=dtype, generator=gen).requires_grad_()
+
+    q, k, v = rand(n_heads), rand(n_kv_heads), rand(n_kv_heads)
+    gqa = n_heads != n_kv_heads
+    chosen = _time_fwd_bwd(lambda q, k, v: attend(q, k, v, batch_mask), q, k, v, repeats)
+    dense = _time_fwd_bwd(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa),
+                          q, k, v, repeats)
+    return {"attention_ms": chosen * 1e3, "dense_causal_ms": dense * 1e3, "gain_vs_dense": dense / chosen}

@@ -1,0 +1,340 @@
+"""The training loop on a DeepSpeed engine: packed batches with one attention mask per micro-batch, metrics
+(metrics.jsonl, W&B, progress bar), crash-safe checkpoints, SIGTERM/SIGINT save-and-exit."""
+import dataclasses
+import logging
+import random
+import resource
+import signal
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from bbm._checks import fail
+from bbm.model import Decoder, build_mask
+from bbm.train import checkpoint as ckpt
+from bbm.train.config import TrainConfig, to_dict
+from bbm.train.ds_config import deepspeed_config
+from bbm.train.env import init_distributed
+from bbm.train.flops import attention_gain, dense_pairs, peak_tflops, step_flops
+from bbm.train.optim import build_optimizer, build_schedule
+from bbm.train.sink import METRICS_FILE, MetricsSink, read_metrics
+
+
+class StopSignal:
+    """Remembers a SIGTERM / SIGINT; the loop saves and exits at the next step boundary. A second
+    signal gets the previous handler (a second Ctrl-C interrupts at once)."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
+
+    def install(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signum, self.previous[signum])
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+
+class Interval:
+    """Sums between two log records: losses, tokens, FLOPs; wall time from the last reset."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self):
+        self.losses, self.grad_norms = [], []
+        self.totals = torch.zeros(4, dtype=torch.float64)  # tokens, flops, dense-convention flops, pairs
+        self.steps = self.skipped = 0
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - self.start
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory_gib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+class Trainer:
+    """``Trainer(cfg).train()``. ``loader`` (optional) replaces the data section's PackedLoader: any
+    iterable of batch dicts with ``vocab_size``, ``state_dict()`` and ``load_state_dict()``."""
+
+    def __init__(self, cfg: TrainConfig, loader=None, local_rank: Optional[int] = None):
+        self.cfg = cfg
+        self.env = init_distributed(cfg.run.device, local_rank)
+        import deepspeed
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+        if cfg.model.attention == "flex" and self.env.device.type == "cpu":
+            fail("model.attention", "'bbm', 'sdpa_masked' or 'sdpa_causal' on CPU (FlexAttention has no CPU backward)",
+                 "'flex'")
+        self.run_dir = Path(cfg.run.dir)
+        self.loader = loader if loader is not None else self._make_loader()
+        vocab = cfg.model.vocab_size or self.loader.vocab_size
+        if vocab < self.loader.vocab_size:
+            fail("model.vocab_size", f"at least the tokenizer's {self.loader.vocab_size}", vocab)
+        self.model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
+        seed_everything(cfg.run.seed)  # the same initial weights on every rank
+        model = Decoder(self.model_cfg, checkpoint_layers=cfg.deepspeed.activation_checkpointing)
+        self.matmul_params = model.matmul_params()
+        optimizer = build_optimizer(model, cfg.optimizer)
+        schedule = build_schedule(optimizer, cfg.schedule, cfg.run.max_steps)
+        self.ds_config = deepspeed_config(cfg, self.env.world_size)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                               config=self.ds_config, dist_init_required=False)
+        self.dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
+        self.peak = peak_tflops(cfg.metrics.peak_tflops, self.env.device)
+        self.checkpoints = ckpt.Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, self.env.rank)
+        self.step = self.start_step = 0
+        self.tokens_seen = 0
+        self.tokens_per_step = (cfg.run.seq_len * cfg.run.micro_batch_size * cfg.deepspeed.gradient_accumulation_steps
+                                * self.env.world_size)
+        self.saved_step = None
+        self.last_checkpoint = None
+        self._resume()
+
+    # ------------------------------------------------------------------ setup
+    def _make_loader(self):
+        from bbm.data import PackedLoader, prepare
+
+        cfg, env = self.cfg, self.env
+        if env.is_main:  # rank 0 tokenises; the others then find the prepared dataset (or build their own)
+            prepare(cfg.data)
+        dist.barrier()
+        path = prepare(cfg.data)
+        return PackedLoader(path, cfg.run.seq_len, cfg.run.micro_batch_size, rank=env.rank,
+                            world_size=env.world_size, seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                            prefetch=cfg.data.prefetch)
+
+    def _resume(self):
+        path = ckpt.resolve(self.cfg.checkpoint.resume, self.checkpoints.root)
+        if path is None:
+            if self.cfg.checkpoint.resume == "none" and self.env.is_main:
+                self.checkpoints.clear()
+            dist.barrier()
+            return
+        client, rank_state = self.checkpoints.load(self.engine, path)
+        self.step = self.start_step = self.saved_step = client["step"]
+        self.tokens_seen = client["tokens_seen"]
+        self.loader.load_state_dict(client["loader"])
+        if rank_state is not None:
+            ckpt.set_rng_state(rank_state["rng"])
+        self.last_checkpoint = path
+        self._print(f"resumed from {path} at step {self.step}")
+
+    # ------------------------------------------------------------------ helpers
+    def _print(self, text: str):
+        if self.env.is_main:
+            print(text, flush=True)
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True if ``flag`` holds on any rank (one tiny all-reduce)."""
+        if self.env.world_size == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.env.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
+
+    def _forward(self, batches, skipped: list):
+        """Loss of the next micro-batch with a finite loss on every rank; a non-finite one stops the run
+        (run.on_nonfinite=stop) or is dropped and replaced by the next batch (skip)."""
+        run = self.cfg.run
+        while True:
+            batch = self._to_device(next(batches))
+            batch_mask = build_mask(batch["doc_ids"], self.model_cfg.attention)  # one mask for every layer
+            loss = self.engine(batch["tokens"], batch["position_ids"], batch_mask, batch["labels"])
+            if not self._any_rank(not bool(torch.isfinite(loss.detach()))):
+                return batch, batch_mask, loss
+            step = self.step + 1
+            if run.on_nonfinite == "stop":
+                fail("loss", f"a finite value at step {step} (set run.on_nonfinite=skip to drop such batches)",
+                     float(loss.detach()), FloatingPointError)
+            skipped.append(step)
+            if len(skipped) > run.max_skips:
+                fail("loss", f"at most run.max_skips={run.max_skips} non-finite micro-batches in a row at step {step}",
+                     len(skipped), FloatingPointError)
+            self._print(f"step {step}: non-finite loss, micro-batch skipped ({len(skipped)} in a row)")
+
+    def _grad_norm_fp32(self) -> float:
+        """Gradient 2-norm where DeepSpeed keeps none (ZeRO 0 without bf16: grads are already averaged)."""
+        grads = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.stack(grads).norm()) if grads else 0.0
+
+    # ------------------------------------------------------------------ one optimizer step
+    def _train_step(self, batches, interval: Interval):
+        accum = self.cfg.deepspeed.gradient_accumulation_steps
+        mc = self.model_cfg
+        lr = self.engine.get_lr()[0]
+        grad_norm = None
+        for micro in range(accum):
+            skipped = []
+            batch, batch_mask, loss = self._forward(batches, skipped)
+            interval.skipped += len(skipped)
+            self.engine.backward(loss)
+            if micro == accum - 1 and not hasattr(self.engine.optimizer, "_global_grad_norm"):
+                grad_norm = self._grad_norm_fp32()
+            self.engine.step()
+            tokens = batch["tokens"].numel()
+            pairs = batch_mask.allowed_pairs()
+            b, n = batch["tokens"].shape
+            interval.losses.append(loss.detach().float())
+            interval.totals += torch.tensor([
+                tokens, step_flops(self.matmul_params, tokens, mc.n_layers, mc.n_heads, mc.head_dim, pairs),
+                step_flops(self.matmul_params, tokens, mc.n_layers, mc.n_heads, mc.head_dim, dense_pairs(b, n)),
+                pairs], dtype=torch.float64)
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
+        interval.grad_norms.append(float(grad_norm) if grad_norm is not None else float("nan"))
+        interval.steps += 1
+        self.last_mask = batch_mask
+        self.lr = lr
+
+    # ------------------------------------------------------------------ metrics
+    def _record(self, interval: Interval, elapsed: float) -> dict:
+        """The log record of an interval; collective (sums over ranks)."""
+        env = self.env
+        loss = torch.stack(interval.losses).mean().to(env.device)
+        totals = interval.totals.to(env.device)
+        if env.world_size > 1:
+            dist.all_reduce(loss)
+            loss /= env.world_size
+            dist.all_reduce(totals)
+        tokens, flops, dense_flops, pairs = totals.tolist()
+        n = self.cfg.run.seq_len
+        tflops = flops / elapsed / env.world_size / 1e12
+        tflops_dense = dense_flops / elapsed / env.world_size / 1e12
+        return {
+            "step": self.step, "epoch": getattr(self.loader, "epoch", None), "loss": float(loss),
+            "lr": self.lr, "grad_norm": float(np.mean(interval.grad_norms)),
+            "tokens_per_s": tokens / elapsed, "step_time_s": elapsed / interval.steps, "tokens_seen": self.tokens_seen,
+            "tflops": tflops, "mfu": tflops / self.peak if self.peak else None,
+            "tflops_dense_convention": tflops_dense, "mfu_dense_convention": tflops_dense / self.peak if self.peak else None,
+            "attention_density": pairs / (tokens * n), "peak_mem_gib": peak_memory_gib(env.device),
+            "skipped_batches": interval.skipped, "attention": self.model_cfg.attention,
+        }
+
+    def _gain(self) -> dict:
+        """Rank 0 times the chosen attention against dense causal SDPA on the last micro-batch's mask."""
+        gain = {}
+        if self.env.is_main:
+            mc = self.model_cfg
+            gain = attention_gain(self.last_mask, mc.n_heads, mc.kv_heads, mc.head_dim, self.dtype, self.env.device)
+        dist.barrier()
+        return gain
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self):
+        client = {"step": self.step, "tokens_seen": self.tokens_seen, "loader": self.loader.state_dict(),
+                  "config": to_dict(self.cfg)}
+        self.last_checkpoint = self.checkpoints.save(self.engine, self.step, client, {"rng": ckpt.rng_state()})
+        self.saved_step = self.step
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> dict:
+        cfg, env = self.cfg, self.env
+        self._print(self._banner())
+        sink = MetricsSink(self.run_dir, cfg.wandb, to_dict(cfg), self.start_step) if env.is_main else None
+        bar = None
+        if env.is_main and cfg.metrics.progress_bar:
+            from tqdm import tqdm
+            bar = tqdm(total=cfg.run.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        stop = StopSignal()
+        stop.install()
+        batches = iter(self.loader)
+        interval = Interval(env.device)
+        first = last = None
+        stopped = False
+        try:
+            while self.step < cfg.run.max_steps:
+                if self._any_rank(stop.signum is not None):
+                    stopped = True
+                    break
+                self._train_step(batches, interval)
+                self.step += 1
+                self.tokens_seen += self.tokens_per_step
+                if bar is not None:
+                    bar.update(1)
+                gain_due = cfg.metrics.gain_every and self.step % cfg.metrics.gain_every == 0
+                if self.step % cfg.metrics.log_every == 0 or self.step == cfg.run.max_steps or gain_due:
+                    elapsed = interval.elapsed()
+                    record = self._record(interval, elapsed)
+                    if gain_due:
+                        record.update(self._gain())
+                    if sink is not None:
+                        sink.log(record)
+                        first = first or record
+                        last = record
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    interval.reset()
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                    self.save()
+                    interval.reset()
+        finally:
+            stop.restore()
+            if bar is not None:
+                bar.close()
+        if self.saved_step != self.step:
+            self.save()
+        summary = {"step": self.step, "stopped": stopped, "run_dir": str(self.run_dir),
+                   "checkpoint": str(self.last_checkpoint), "first": first, "last": last}
+        if sink is not None:
+            summary["wandb_dir"] = str(sink.wandb_dir) if sink.wandb_dir else None
+            sink.close()
+            from bbm.train.dashboard import write_dashboard  # matplotlib only where a dashboard is drawn
+
+            summary["dashboard"] = str(write_dashboard(self.run_dir)) if read_metrics(self.run_dir) else None
+            self._print(self._closing(summary, stop.signum))
+        return summary
+
+    def _banner(self) -> str:
+        cfg, env, mc = self.cfg, self.env, self.model_cfg
+        ds = cfg.deepspeed
+        return (f"bbm train: {self.matmul_params / 1e6:.2f}M params ({mc.n_layers} layers, dim {mc.dim}, "
+                f"{mc.n_heads}/{mc.kv_heads} heads), attention={mc.attention}, seq_len={cfg.run.seq_len}, "
+                f"{self.tokens_per_step} tokens/step, ZeRO-{ds.zero_stage}{', bf16' if ds.bf16 else ''}, "
+                f"{env.world_size} x {env.device.type}, steps {self.step} -> {cfg.run.max_steps}, run dir {self.run_dir}")
+
+    def _closing(self, summary: dict, signum) -> str:
+        first, last = summary["first"], summary["last"]
+        head = f"stopped by signal {signum} at step {self.step}" if summary["stopped"] else f"finished at step {self.step}"
+        if first and last:
+            head += f"; loss {first['loss']:.3f} (step {first['step']}) -> {last['loss']:.3f} (step {last['step']})"
+        lines = [f"bbm train: {head}",
+                 f"  metrics     {self.run_dir / METRICS_FILE}",
+                 f"  dashboard   {summary.get('dashboard')}   (redraw: python -m bbm.train.dashboard {self.run_dir})",
+                 f"  checkpoint  {summary['checkpoint']}   (the same command resumes from it)"]
+        if summary.get("wandb_dir"):
+            lines.append(f"  wandb       {summary['wandb_dir']}   (upload later: wandb sync {summary['wandb_dir']})")
+        return "\n".join(lines)
