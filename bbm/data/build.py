@@ -75,6 +75,7 @@ def _write(tmp: Path, meta: dict, cfg: DataConfig, files, dtype, progress: bool)
             flat.tofile(out)
             lengths.append(doc_lengths)
             bar.update(len(doc_lengths))
+        bar.total = bar.n   # empty (and, for stdlib, non-UTF-8) files are not documents
     lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     if len(lengths) == 0:
         fail("data.path", f"at least one non-empty document in source {cfg.source!r}",
