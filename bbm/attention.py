@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bbm._checks import check_tensor, fail
 from bbm.masks import Mask
@@ -51,9 +52,15 @@ def _validate(q, k, v, mask, scale, backend):
         fail("backend", f"one of {BACKENDS}", repr(backend))
 
 
+# SDPA backends, fastest first on Hopper (cuDNN); each passes inputs it rejects to the next one
+_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+               SDPBackend.MATH]
+
+
 def _sdpa(q, k, v, causal: bool, scale: float):
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
-                                          enable_gqa=k.shape[1] != q.shape[1])
+    with sdpa_kernel(_SDPA_ORDER, set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                              enable_gqa=k.shape[1] != q.shape[1])
 
 
 def _triton(q, k, v, mask, scale):

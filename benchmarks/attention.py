@@ -1,15 +1,16 @@
 """bbm vs FlexAttention vs SDPA: forward, forward+backward, metadata build, effective TFLOP/s.
 
     python benchmarks/attention.py [--masks docs,docs4,...] [--sizes 16384,32768] [--dims 128,64]
-        [--heads 16] [--kv-heads 16,4] [--out benchmarks/results/attention.json] [--sweep]
+        [--heads 16] [--kv-heads 16,4] [--out benchmarks/results/attention.json] [--sweep bwd,bwd-det]
     python benchmarks/attention.py --plot benchmarks/results/attention.json   # PNG from a JSON (no GPU)
 
 TFLOP/s count allowed pairs only: forward 4 D per pair per query head, backward 2.5x the forward.
 FlexAttention runs compiled, its BlockMask built once (its build timed separately, plain and with
 create_block_mask compiled). SDPA: flash and cuDNN for the exactly causal mask, a dense bool mask
-(efficient kernel) up to --sdpa-dense-max tokens. --sweep also times every candidate tile config.
+(efficient kernel) up to --sdpa-dense-max tokens. --sweep also times candidate tile configs.
 """
 import argparse
+import faulthandler
 import json
 import time
 from pathlib import Path
@@ -90,20 +91,26 @@ def sdpa_cases(mask, q, k, v, grad, repeat, dense_max, row):
         row["sdpa_dense_fwd_ms"], row["sdpa_dense_fwdbwd_ms"] = time_pair(fn, q, k, v, grad, max(3, repeat // 4))
 
 
-def sweep(q, k, v, grad, mask, repeat, row):
-    """Every candidate tile config of bbm's kernels, forward and forward+backward."""
+def sweep(q, k, v, grad, mask, repeat, row, which):
+    """Every candidate tile config of bbm's kernels, forward and forward+backward (the backward both with
+    atomic dQ and deterministic)."""
     from bbm.kernels import flash_attention
     from bbm.kernels.tuning import candidates
     scale = q.shape[-1] ** -0.5
     row["sweep"] = {}
-    for direction in ("fwd", "bwd"):
+    for name in which:
+        direction, det = name.split("-")[0], name.endswith("-det")
         for cfg in candidates(q.shape[-1], direction):
             fn = lambda q, k, v, cfg=cfg: flash_attention(q, k, v, mask, scale, cfg)
-            key = f"{direction} {cfg.block_m}x{cfg.block_n} w{cfg.fwd_warps} s{cfg.fwd_stages} | bwd {cfg.big}/{cfg.small} w{cfg.bwd_warps} s{cfg.bwd_stages}"
+            key = (f"{direction}{'-det' if det else ''} {cfg.block_m}x{cfg.block_n} w{cfg.fwd_warps} s{cfg.fwd_stages}"
+                   f" | bwd {cfg.big}/{cfg.small} w{cfg.bwd_warps} s{cfg.bwd_stages}")
+            torch.use_deterministic_algorithms(det, warn_only=True)
             try:
                 row["sweep"][key] = time_pair(fn, q, k, v, grad, repeat)
             except Exception as e:  # noqa: BLE001 - a config that fails to compile is reported, not fatal
                 row["sweep"][key] = str(e).splitlines()[0][:120]
+            finally:
+                torch.use_deterministic_algorithms(False)
             print(f"    sweep {key}: {row['sweep'][key]}", flush=True)
 
 
@@ -113,27 +120,42 @@ def run_case(name, n, d, heads, kv_heads, args, dev):
     rnd = lambda h, length: torch.randn(1, h, length, d, device=dev, generator=g, dtype=torch.bfloat16).requires_grad_()
     q, k, v = rnd(heads, n_q), rnd(kv_heads, n_k), rnd(kv_heads, n_k)
     grad = torch.randn_like(q)
+    stage(f"{name} N={n} D={d} {heads}:{kv_heads}")
     row = {"mask": name, "n": n, "n_q": n_q, "n_k": n_k, "d": d, "heads": heads, "kv_heads": kv_heads}
-    row["bbm_meta_ms"] = wall_ms(lambda: make_mask().block_meta(*META_TILE), repeat=args.repeat)
+    row["mask_build_ms"] = wall_ms(make_mask, repeat=args.repeat)  # the Mask alone (ranges or dense)
+    row["bbm_meta_ms"] = wall_ms(lambda: make_mask().block_meta(*META_TILE), repeat=args.repeat)  # + tile lists
     mask = make_mask()
     pairs = mask.allowed_pairs() * heads
     row.update(density=mask.density, fwd_tflop=4 * d * pairs / 1e12, tiles=mask.block_summary(*META_TILE))
     row["bbm_backend"] = bbm.choose_backend(q, mask)
     fn = lambda q, k, v: bbm.attention(q, k, v, mask)
     row["bbm_fwd_ms"], row["bbm_fwdbwd_ms"] = time_pair(fn, q, k, v, grad, args.repeat)
-    if row["bbm_backend"] != "triton":  # also the Triton kernels themselves
+    if row["bbm_backend"] == "triton":  # the deterministic backward too (default: dQ through atomics)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        row["bbm_det_fwdbwd_ms"] = time_pair(fn, q, k, v, grad, args.repeat)[1]
+        torch.use_deterministic_algorithms(False)
+    else:  # also the Triton kernels themselves
         tri = lambda q, k, v: bbm.attention(q, k, v, mask, backend="triton")
         row["bbm_triton_fwd_ms"], row["bbm_triton_fwdbwd_ms"] = time_pair(tri, q, k, v, grad, args.repeat)
+    stage("bbm timed")
     if not args.no_flex:
         flex = flex_case(mask_mod, q, k, v, grad, n_q, n_k, args.repeat, row)
         with torch.no_grad():
             a, b = bbm.attention(q, k, v, mask).float(), flex(q, k, v).float()
             row["rel_diff_vs_flex"] = ((a - b).norm() / b.norm()).item()
+        stage("flex timed")
     sdpa_cases(mask, q, k, v, grad, args.repeat, args.sdpa_dense_max, row)
+    stage("sdpa timed")
     if args.sweep:
-        sweep(q, k, v, grad, mask, args.repeat, row)
+        sweep(q, k, v, grad, mask, args.repeat, row, args.sweep.split(","))
     add_rates(row)
     return row
+
+
+def stage(what):
+    """Progress line; a stage that hangs gets its stack dumped (faulthandler) before the run's time-out."""
+    print(f"    {time.strftime('%H:%M:%S')} {what}", flush=True)
+    faulthandler.dump_traceback_later(240, exit=False)
 
 
 def add_rates(row):
@@ -208,7 +230,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--sdpa-dense-max", type=int, default=32768)
     ap.add_argument("--no-flex", action="store_true")
-    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep", default="", help="also time every candidate config of: fwd,bwd,bwd-det")
     ap.add_argument("--out", default="benchmarks/results/attention.json")
     ap.add_argument("--plot", metavar="JSON", help="only draw the PNG of an existing JSON")
     args = ap.parse_args()

@@ -1,8 +1,12 @@
 """Benchmark masks: each as a bbm.Mask plus the FlexAttention mask_mod a user would write for it."""
+from functools import lru_cache
+
 import torch
 
 import bbm
 from common import packed_doc_ids, stdlib_file_sizes
+
+stdlib_file_sizes = lru_cache(stdlib_file_sizes)
 
 TREE_NODES = 1024
 MASKS = ("docs", "docs4", "causal", "window", "prefix", "tree", "scatter", "scatter_rcm")

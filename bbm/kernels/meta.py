@@ -9,8 +9,6 @@ import torch
 import triton
 import triton.language as tl
 
-BIG = 2**31 - 1
-
 
 @triton.jit
 def _compact(cls_ptr, stride, length, idx_ptr, count_full_ptr, count_ptr, CHUNK: tl.constexpr):

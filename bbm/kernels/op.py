@@ -15,7 +15,7 @@ def _config(given: List[int], direction: str, q, lists, run) -> Config:
     if given:
         return Config(*given).check()
     family = "ranges" if lists.ranges is not None else "bits"
-    return pick(direction, q.device, q.shape[-1], q.dtype, family, run)
+    return pick(direction, q.device, q.shape[-1], q.dtype, family, q.shape[0] * q.shape[1] * q.shape[2], run)
 
 
 @torch.library.custom_op("bbm::flash_fwd", mutates_args=())
@@ -45,8 +45,10 @@ def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     lists = launch.Lists(q_count_full, q_count, q_idx, q_order, k_count_full, k_count, k_idx, k_order,
                          ranges, tile_bits, bits_index)
     do = _dense_rows(do)
-    cfg = _config(config, "bwd", q, lists, lambda c: launch.backward(do, q, k, v, out, lse, lists, scale, c))
-    return launch.backward(do, q, k, v, out, lse, lists, scale, cfg)
+    det = torch.are_deterministic_algorithms_enabled()  # else dQ through atomics (faster)
+    cfg = _config(config, "bwd-det" if det else "bwd", q, lists,
+                  lambda c: launch.backward(do, q, k, v, out, lse, lists, scale, c, det))
+    return launch.backward(do, q, k, v, out, lse, lists, scale, cfg, det)
 
 
 @flash_bwd.register_fake

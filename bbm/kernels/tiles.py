@@ -10,7 +10,7 @@ Modes of a visited tile (a constexpr of every loop):
 import triton
 import triton.language as tl
 
-FULL, EDGE, RANGES, BITS = 0, 1, 2, 3
+FULL, EDGE, RANGES, BITS = (tl.constexpr(i) for i in range(4))  # constexpr: jit code reads them
 
 
 @triton.jit

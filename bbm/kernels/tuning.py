@@ -1,5 +1,5 @@
 """Kernel configurations: a few candidates per head dim, timed once on the real inputs and cached per
-(GPU, head dim, dtype, mask family, direction) in memory and in a JSON file
+(GPU, head dim, dtype, mask family, direction, size class) in memory and in a JSON file
 (``$BBM_TUNING_CACHE``, default ``~/.cache/bbm/tuning.json``). The interpreter never tunes: it runs
 small tiles so CPU tests cover many tiles on tiny shapes. ``BBM_AUTOTUNE=0`` takes the first candidate.
 """
@@ -45,10 +45,10 @@ META_TILE = (128, 128)
 
 # (block_m, block_n, warps, stages) forward; (big, small, warps, stages) backward; first = default
 _FWD = {64: [(128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 4, 3), (128, 64, 8, 3)],
-        128: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2)],
+        128: [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3)],
         256: [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2)]}
 _BWD = {64: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)],
-        128: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
+        128: [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
         256: [(64, 32, 4, 2), (64, 16, 4, 2), (128, 32, 8, 1)]}
 
 
@@ -63,7 +63,7 @@ def head_dim_class(d: int) -> int:
 def candidates(d: int, direction: str):
     """Configs to try for head dim d; the forward ones pair with the default backward and vice versa."""
     fwd, bwd = _FWD[head_dim_class(d)], _BWD[head_dim_class(d)]
-    if direction == "fwd":
+    if direction == "fwd":  # "bwd" (atomic dQ) and "bwd-det" share the backward candidates
         return [Config(*META_TILE, *f, *bwd[0]) for f in fwd]
     return [Config(*META_TILE, *fwd[0], *b) for b in bwd]
 
@@ -95,8 +95,9 @@ def _save_disk(key: str, cfg: Config):
         pass  # a read-only home only costs re-tuning
 
 
-def _time_ms(run, reps: int = 5) -> float:
+def _time_ms(run, reps: int = 10) -> float:
     run()  # compile + warm up
+    run()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
@@ -107,12 +108,13 @@ def _time_ms(run, reps: int = 5) -> float:
     return start.elapsed_time(end) / reps
 
 
-def pick(direction: str, device: torch.device, d: int, dtype: torch.dtype, family: str, run) -> Config:
+def pick(direction: str, device: torch.device, d: int, dtype: torch.dtype, family: str, rows: int, run) -> Config:
     """The config for this key: cached, or the fastest candidate of ``run(config)`` (which launches the
-    kernel on the real inputs)."""
+    kernel on the real inputs). ``rows`` (batch x heads x Nq) keys the size class, a power of two."""
     if interpreting() or device.type != "cuda":
         return INTERPRETER
-    key = f"{torch.cuda.get_device_name(device)}|d{head_dim_class(d)}|{dtype}|{family}|{direction}"
+    key = (f"{torch.cuda.get_device_name(device)}|d{head_dim_class(d)}|{dtype}|{family}|{direction}"
+           f"|rows2^{rows.bit_length()}")
     if key in _memory:
         return _memory[key]
     disk = _load_disk().get(key)
