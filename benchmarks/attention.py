@@ -252,10 +252,7 @@ def main():
                           + json.dumps({k: v for k, v in rows[-1].items() if k != "sweep"}), flush=True)
                     write_json(args.out, {"env": environment(dev), "rows": rows})
     print_table(rows)
-    try:
-        plot(args.out, Path(args.out).with_suffix(".png"))
-    except ImportError:
-        print("matplotlib missing: draw the PNG elsewhere with --plot", args.out)
+    print(f"wrote {args.out}; draw its PNG with --plot {args.out}")
 
 
 if __name__ == "__main__":
