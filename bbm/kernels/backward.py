@@ -1,12 +1,12 @@
 """Backward kernels.
 
 ``delta_kernel``: delta = rowsum(dO * O) in fp32.
-``bwd_kernel``: one launch with two kinds of program (deterministic mode). The first ``n_dkdv`` programs each own a block of
+``bwd_kernel``: one launch with two kinds of program. The first ``n_dkdv`` programs each own a block of
 keys of one K/V head and walk the transposed lists (k_idx) over every query head of its GQA group,
 accumulating dK and dV in registers; the others each own a block of queries of one head and walk the
 forward lists (q_idx), accumulating dQ. No atomics, so the result is deterministic. Both kinds run
-heaviest first. Otherwise (``ATOMIC``) the dK/dV programs also add dS K into an fp32 dQ buffer with
-relaxed atomics: five matmuls per tile instead of seven.
+heaviest first. (Adding dS K into an fp32 dQ from the dK/dV programs with atomics, five matmuls per tile
+instead of seven, measured no faster on the H100: see benchmarks/NOTES_attention.md.)
 """
 import triton
 import triton.language as tl
@@ -28,11 +28,11 @@ def delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_db, strid
 
 
 @triton.jit
-def _dkdv_loop(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, ranges, stride_qn, stride_don,
-               idx, bits, bits_col, num_n, j_lo, j_hi, keys, local_keys, offs_m, offs_d, n_q, D, qk_scale, scale,
+def _dkdv_loop(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, ranges, stride_qn, stride_don,
+               idx, bits, bits_col, num_n, j_lo, j_hi, keys, local_keys, offs_m, offs_d, n_q, D, qk_scale,
                MODE: tl.constexpr, SUB: tl.constexpr, MB_M: tl.constexpr, MB_N: tl.constexpr,
                BLOCK_M: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
-               PREC: tl.constexpr, ATOMIC: tl.constexpr):
+               PREC: tl.constexpr):
     for j in range(j_lo, j_hi):
         tile = tl.load(idx + j // SUB)  # query tile of the transposed list; SUB blocks of BLOCK_M rows
         local = (j % SUB) * BLOCK_M + offs_m
@@ -52,13 +52,6 @@ def _dkdv_loop(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, ranges, 
         dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PREC)
-        if ATOMIC:  # dQ += dS K from here, into an fp32 (Nq, D) buffer: no dQ programs, not bitwise reproducible
-            dq = tl.dot(tl.trans(ds_t).to(k.dtype), k, input_precision=PREC) * scale
-            dq_ptrs = dq_ptr + rows[:, None] * D + offs_d[None, :]
-            if EVEN_M and EVEN_D:
-                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
-            else:
-                tl.atomic_add(dq_ptrs, dq, mask=(rows[:, None] < n_q) & (offs_d[None, :] < D), sem="relaxed")
     return dk, dv
 
 
@@ -86,13 +79,13 @@ def _dq_loop(dq, q, do, lse, delta, k_ptr, v_ptr, stride_kn, stride_vn, idx, bit
 
 
 @triton.jit
-def _dkdv_program(pid, Q, K, V, DO, LSE, DELTA, DQ, DK, DV, K_COUNT_FULL, K_COUNT, K_IDX, K_ORDER, INTERVALS, TILE_BITS,
+def _dkdv_program(pid, Q, K, V, DO, LSE, DELTA, DK, DV, K_COUNT_FULL, K_COUNT, K_IDX, K_ORDER, INTERVALS, TILE_BITS,
                   BITS_INDEX, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                   stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                   n_q, n_k, D, HM, NUM_M, NUM_N, n_k_items, heads_q, group, qk_scale, scale,
                   KIND: tl.constexpr, MB_M: tl.constexpr, MB_N: tl.constexpr, BIG: tl.constexpr,
                   SMALL: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-                  EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ATOMIC: tl.constexpr):
+                  EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     SUB: tl.constexpr = MB_M // SMALL
     heads_kv = heads_q // group
     bm, _, n, sub, b_off, hk = work_item(pid, K_ORDER, n_k_items, MB_N // BIG, NUM_N, 1, heads_kv)
@@ -117,15 +110,13 @@ def _dkdv_program(pid, Q, K, V, DO, LSE, DELTA, DQ, DK, DV, K_COUNT_FULL, K_COUN
         bh = (b * heads_q + h).to(tl.int64)
         q_ptr = Q + b.to(tl.int64) * stride_qb + h * stride_qh
         do_ptr = DO + b.to(tl.int64) * stride_dob + h * stride_doh
-        dq_ptr = DQ + bh * n_q * D  # the fp32 accumulator when ATOMIC
-        dk, dv = _dkdv_loop(dk, dv, k, v, q_ptr, do_ptr, LSE + bh * n_q, DELTA + bh * n_q, dq_ptr, ranges, stride_qn,
+        dk, dv = _dkdv_loop(dk, dv, k, v, q_ptr, do_ptr, LSE + bh * n_q, DELTA + bh * n_q, ranges, stride_qn,
                             stride_don, idx, TILE_BITS, bits_col, NUM_N, 0, n_full * SUB, keys, local_keys, offs_m,
-                            offs_d, n_q, D, qk_scale, scale, FULL, SUB, MB_M, MB_N, SMALL, EVEN_M, EVEN_D, UPCAST,
-                            PREC, ATOMIC)
-        dk, dv = _dkdv_loop(dk, dv, k, v, q_ptr, do_ptr, LSE + bh * n_q, DELTA + bh * n_q, dq_ptr, ranges, stride_qn,
+                            offs_d, n_q, D, qk_scale, FULL, SUB, MB_M, MB_N, SMALL, EVEN_M, EVEN_D, UPCAST, PREC)
+        dk, dv = _dkdv_loop(dk, dv, k, v, q_ptr, do_ptr, LSE + bh * n_q, DELTA + bh * n_q, ranges, stride_qn,
                             stride_don, idx, TILE_BITS, bits_col, NUM_N, n_full * SUB, count * SUB, keys, local_keys,
-                            offs_m, offs_d, n_q, D, qk_scale, scale, KIND, SUB, MB_M, MB_N, SMALL, EVEN_M, EVEN_D,
-                            UPCAST, PREC, ATOMIC)
+                            offs_m, offs_d, n_q, D, qk_scale, KIND, SUB, MB_M, MB_N, SMALL, EVEN_M, EVEN_D,
+                            UPCAST, PREC)
     # dK, dV share the layout of K, V
     store_rows(DK + b.to(tl.int64) * stride_kb + hk * stride_kh, dk * scale, keys, offs_d, stride_kn, n_k, D, EVEN_N, EVEN_D)
     store_rows(DV + b.to(tl.int64) * stride_vb + hk * stride_vh, dv, keys, offs_d, stride_vn, n_k, D, EVEN_N, EVEN_D)
@@ -185,16 +176,15 @@ def bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, Q_COUNT_FULL, Q_COUNT, Q_IDX
                n_q, n_k, D, HM, NUM_M, NUM_N, n_q_items, n_k_items, n_dkdv, heads_q, group, qk_scale, scale,
                KIND: tl.constexpr, MB_M: tl.constexpr, MB_N: tl.constexpr, BIG: tl.constexpr,
                SMALL: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-               EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ATOMIC: tl.constexpr):
-    """dK, dV share the strides of K, V; dQ those of Q, or, when ATOMIC, DQ is a zeroed contiguous fp32
-    accumulator that the dK/dV programs add into (and no dQ program is launched)."""
+               EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """dQ, dK, dV share the strides of Q, K, V."""
     pid = tl.program_id(0)
     if pid < n_dkdv:
-        _dkdv_program(pid, Q, K, V, DO, LSE, DELTA, DQ, DK, DV, K_COUNT_FULL, K_COUNT, K_IDX, K_ORDER, INTERVALS, TILE_BITS,
+        _dkdv_program(pid, Q, K, V, DO, LSE, DELTA, DK, DV, K_COUNT_FULL, K_COUNT, K_IDX, K_ORDER, INTERVALS, TILE_BITS,
                       BITS_INDEX, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                       stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                       n_q, n_k, D, HM, NUM_M, NUM_N, n_k_items, heads_q, group, qk_scale, scale,
-                      KIND, MB_M, MB_N, BIG, SMALL, HEAD_DIM, EVEN_M, EVEN_N, EVEN_D, UPCAST, PREC, ATOMIC)
+                      KIND, MB_M, MB_N, BIG, SMALL, HEAD_DIM, EVEN_M, EVEN_N, EVEN_D, UPCAST, PREC)
     else:
         _dq_program(pid - n_dkdv, Q, K, V, DO, LSE, DELTA, DQ, Q_COUNT_FULL, Q_COUNT, Q_IDX, Q_ORDER, INTERVALS, TILE_BITS,
                     BITS_INDEX, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,

@@ -57,27 +57,25 @@ def forward(q, k, v, lists: Lists, scale: float, cfg):
     return out, lse
 
 
-def backward(do, q, k, v, out, lse, lists: Lists, scale: float, cfg, deterministic: bool):
-    """-> dq, dk, dv with the strides of q, k, v. Not deterministic: dQ through fp32 atomics."""
+def backward(do, q, k, v, out, lse, lists: Lists, scale: float, cfg):
+    """-> dq, dk, dv with the strides of q, k, v (deterministic: no atomics)."""
     b, hq, n_q, d = q.shape
     hkv = k.shape[1]
     delta = torch.empty_like(lse)
     d_pad = head_pad(d)
     delta_kernel[(triton.cdiv(n_q, 64), b * hq)](out, do, delta, *out.stride()[:3], *do.stride()[:3], hq, n_q, d,
                                                  BLOCK=64, HEAD_DIM=d_pad)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    dq = torch.empty_like(q) if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     n_q_items = lists.batch * lists.heads * lists.num_m
     n_k_items = lists.batch * lists.num_n
     n_dkdv = (b // lists.batch) * hkv * n_k_items * (cfg.mb_n // cfg.big)
-    n_dq = (b // lists.batch) * (hq // lists.heads) * n_q_items * (cfg.mb_m // cfg.big) if deterministic else 0
+    n_dq = (b // lists.batch) * (hq // lists.heads) * n_q_items * (cfg.mb_m // cfg.big)
     bwd_kernel[(n_dkdv + n_dq,)](
         q, k, v, do, lse, delta, dq, dk, dv, lists.q_count_full, lists.q_count, lists.q_idx, lists.q_order,
         lists.k_count_full, lists.k_count, lists.k_idx, lists.k_order, lists.ranges_arg, lists.bits_arg,
         lists.bits_index_arg, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
         n_q, k.shape[2], d, lists.heads, lists.num_m, lists.num_n, n_q_items, n_k_items, n_dkdv, hq, hq // hkv,
         scale * LOG2E, scale, KIND=lists.kind, MB_M=cfg.mb_m, MB_N=cfg.mb_n, BIG=cfg.big, SMALL=cfg.small,
-        ATOMIC=not deterministic, num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages,
-        **_static(q, k, cfg.mb_m, cfg.mb_n, d_pad))
-    return (dq if deterministic else dq.to(q.dtype)), dk, dv
+        num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages, **_static(q, k, cfg.mb_m, cfg.mb_n, d_pad))
+    return dq, dk, dv
 

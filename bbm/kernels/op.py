@@ -45,10 +45,8 @@ def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     lists = launch.Lists(q_count_full, q_count, q_idx, q_order, k_count_full, k_count, k_idx, k_order,
                          ranges, tile_bits, bits_index)
     do = _dense_rows(do)
-    det = torch.are_deterministic_algorithms_enabled()  # else dQ through atomics (faster)
-    cfg = _config(config, "bwd-det" if det else "bwd", q, lists,
-                  lambda c: launch.backward(do, q, k, v, out, lse, lists, scale, c, det))
-    return launch.backward(do, q, k, v, out, lse, lists, scale, cfg, det)
+    cfg = _config(config, "bwd", q, lists, lambda c: launch.backward(do, q, k, v, out, lse, lists, scale, c))
+    return launch.backward(do, q, k, v, out, lse, lists, scale, cfg)
 
 
 @flash_bwd.register_fake

@@ -63,7 +63,7 @@ def head_dim_class(d: int) -> int:
 def candidates(d: int, direction: str):
     """Configs to try for head dim d; the forward ones pair with the default backward and vice versa."""
     fwd, bwd = _FWD[head_dim_class(d)], _BWD[head_dim_class(d)]
-    if direction == "fwd":  # "bwd" (atomic dQ) and "bwd-det" share the backward candidates
+    if direction == "fwd":
         return [Config(*META_TILE, *f, *bwd[0]) for f in fwd]
     return [Config(*META_TILE, *fwd[0], *b) for b in bwd]
 

@@ -38,16 +38,9 @@ def test_deterministic_backward():
     mask = bbm.Mask.from_documents(random_doc_ids(1, 3000, 7, generator=torch.Generator().manual_seed(1), device=CUDA))
     q, k, v = qkv(1, 8, 2, 3000, 3000, 128, torch.bfloat16, CUDA)
     g = torch.randn_like(q)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        runs = [torch.autograd.grad(bbm.attention(q, k, v, mask), (q, k, v), g) for _ in range(3)]
-    finally:
-        torch.use_deterministic_algorithms(False)
+    runs = [torch.autograd.grad(bbm.attention(q, k, v, mask), (q, k, v), g) for _ in range(3)]
     for other in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
-    atomic = torch.autograd.grad(bbm.attention(q, k, v, mask), (q, k, v), g)  # default: dQ through atomics
-    for a, b in zip(atomic, runs[0]):
-        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
 
 
 def test_metadata_kernels_match_cpu():

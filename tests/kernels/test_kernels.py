@@ -94,21 +94,6 @@ def test_paths_agree():
     assert bbm.choose_backend(q, mask) == "reference"
 
 
-def test_deterministic_and_atomic_backward_agree():
-    """Deterministic mode (dQ programs) and the default (dQ through atomics) give the same gradients."""
-    mask = bbm.Mask.from_documents(random_doc_ids(1, 70, 4, generator=torch.Generator().manual_seed(8)))
-    q, k, v = qkv(1, 2, 1, 70, 70, 16, torch.float32)
-    out = bbm.attention(q, k, v, mask, backend="triton")
-    atomic = torch.autograd.grad(out, (q, k, v), torch.ones_like(out), retain_graph=True)
-    torch.use_deterministic_algorithms(True)
-    try:
-        det = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
-    finally:
-        torch.use_deterministic_algorithms(False)
-    for a, b in zip(atomic, det):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
 def test_bad_config():
     with pytest.raises(ValueError, match="config.block_m"):
         bbm.kernels.Config(32, 32, 48, 16, 4, 1, 16, 16, 4, 1).check()
