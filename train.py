@@ -20,6 +20,10 @@ def main(argv=None):
     except (ValueError, TypeError, FileNotFoundError, NotImplementedError) as e:
         sys.exit(f"config error: {e}")
     Trainer(cfg, local_rank=args.local_rank).train()
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()  # join gloo/NCCL threads before the interpreter exits
 
 
 if __name__ == "__main__":

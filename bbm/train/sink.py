@@ -57,7 +57,7 @@ class MetricsSink:
             id_file.write_text(secrets.token_hex(4))
         self.wandb = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or self.run_dir.name,
                                 tags=cfg.tags, config=config, dir=str(self.run_dir), mode=self.mode,
-                                id=id_file.read_text().strip(), resume="allow")
+                                id=id_file.read_text().strip(), resume="allow", settings=wandb.Settings(silent=True))
         self.wandb_dir = Path(self.wandb.dir).parent  # .../wandb/<offline-|>run-<time>-<id>
 
     def log(self, record: dict):

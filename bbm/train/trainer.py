@@ -286,7 +286,8 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                 gain_due = cfg.metrics.gain_every and self.step % cfg.metrics.gain_every == 0
-                if self.step % cfg.metrics.log_every == 0 or self.step == cfg.run.max_steps or gain_due:
+                log_due = self.step % cfg.metrics.log_every == 0 or self.step in (self.start_step + 1, cfg.run.max_steps)
+                if log_due or gain_due:
                     elapsed = interval.elapsed()
                     record = self._record(interval, elapsed)
                     if gain_due:
@@ -302,6 +303,7 @@ class Trainer:
                     self.save()
                     interval.reset()
         finally:
+            getattr(batches, "close", lambda: None)()  # stops the loader's prefetch thread
             stop.restore()
             if bar is not None:
                 bar.close()
