@@ -89,11 +89,12 @@ def _flex(q, k, v, block_mask):
 def attend(q, k, v, batch_mask: BatchMask):
     """Attention of q ``(B, Hq, N, D)`` over k, v ``(B, Hkv, N, D)`` restricted by the micro-batch's mask."""
     backend = batch_mask.backend
-    gqa = k.shape[1] != q.shape[1]
     if backend == "bbm":
         return bbm.attention(q, k, v, batch_mask.mask)
     if backend == "flex":
         return _flex(q, k, v, batch_mask.block_mask)
-    if backend == "sdpa_masked":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=batch_mask.dense, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if backend == "sdpa_masked":  # kv heads repeated: SDPA's memory-efficient kernel takes a mask but no GQA
+        group = q.shape[1] // k.shape[1]
+        k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=batch_mask.dense)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])

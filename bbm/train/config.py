@@ -61,6 +61,7 @@ class CheckpointConfig:
     every: int = 0  # optimizer steps between saves; 0: only at the end and on SIGTERM/SIGINT
     keep_last: int = 2
     resume: str = "auto"  # auto (newest complete checkpoint of the run, if any) | none | <checkpoint dir>
+    at_end: bool = True  # save when the run ends (benchmarks turn it off)
 
 
 @dataclass

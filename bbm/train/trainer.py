@@ -307,7 +307,7 @@ class Trainer:
             stop.restore()
             if bar is not None:
                 bar.close()
-        if self.saved_step != self.step:
+        if self.saved_step != self.step and (cfg.checkpoint.at_end or stopped):
             self.save()
         summary = {"step": self.step, "stopped": stopped, "run_dir": str(self.run_dir),
                    "checkpoint": str(self.last_checkpoint), "first": first, "last": last}

@@ -1,0 +1,111 @@
+"""Training throughput of one preset with each attention backend, on the same data, through the real trainer
+(DeepSpeed engine, AdamW, bf16): tokens/s, TFLOP/s and MFU (allowed pairs, and the dense N^2 convention).
+
+    python benchmarks/train_throughput.py                                   # ~350M at 32k, all four backends
+    python benchmarks/train_throughput.py --config configs/gpt_125m_16k.yaml --backends bbm,flex
+
+Each backend trains in its own child process (a hung compile or an out-of-memory stays there) for
+--warmup + --steps optimizer steps of one 32k sequence each; the figures are medians over the timed steps,
+and the attention gain is fwd+bwd of one layer's attention vs dense causal SDPA on the last batch.
+Results: benchmarks/results/train_throughput.json and a table on stdout.
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BACKENDS = ("bbm", "flex", "sdpa_masked", "sdpa_causal")
+MEDIAN_KEYS = ("tokens_per_s", "step_time_s", "tflops", "mfu", "tflops_dense_convention", "mfu_dense_convention")
+
+
+def child(args):
+    """Trains one backend and writes its summary to args.out."""
+    from bbm.train import Trainer, load_config
+
+    total = args.warmup + args.steps
+    overrides = [f"model.attention={args.child}", f"run.max_steps={total}", "metrics.log_every=1",
+                 f"metrics.gain_every={total}", "metrics.progress_bar=false", "wandb.mode=disabled",
+                 "checkpoint.every=0", "checkpoint.at_end=false", "checkpoint.resume=none",
+                 "deepspeed.gradient_accumulation_steps=1", f"run.dir={Path(args.workdir) / args.child}", *args.overrides]
+    trainer = Trainer(load_config(args.config, overrides))
+    trainer.train()
+    records = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    timed = [r for r in records if r["step"] > args.warmup]
+    row = {k: statistics.median(r[k] for r in timed) if timed[0][k] is not None else None for k in MEDIAN_KEYS}
+    row.update({k: records[-1].get(k) for k in ("attention_ms", "dense_causal_ms", "gain_vs_dense")})
+    row.update(attention_density=statistics.mean(r["attention_density"] for r in timed),
+               peak_mem_gib=records[-1]["peak_mem_gib"], loss_first=records[0]["loss"], loss_last=records[-1]["loss"],
+               params=trainer.matmul_params, seq_len=trainer.cfg.run.seq_len, steps_timed=len(timed))
+    Path(args.out).write_text(json.dumps(row))
+
+
+def run_backend(args, backend: str, workdir: str) -> dict:
+    out = Path(workdir) / f"{backend}.json"
+    cmd = [sys.executable, __file__, "--child", backend, "--out", str(out), "--workdir", workdir, "--config", args.config,
+           "--warmup", str(args.warmup), "--steps", str(args.steps), *args.overrides]
+    print(f"== {backend}", flush=True)
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, timeout=args.timeout, capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.timeout} s"}
+    if proc.returncode != 0 or not out.is_file():
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+        print("\n".join(tail), flush=True)
+        return {"error": tail[-1] if tail else f"exit {proc.returncode}"}
+    return json.loads(out.read_text())
+
+
+def fmt(value, spec=".1f"):
+    return "-" if value is None else format(value, spec)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(REPO / "configs" / "gpt_350m_32k.yaml"))
+    ap.add_argument("--backends", default=",".join(BACKENDS))
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--timeout", type=int, default=300, help="seconds per backend")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", help=argparse.SUPPRESS)
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides for every backend")
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+    import torch
+    from common import RESULTS, environment, write_json  # benchmarks/common.py
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="bbm_throughput_") as workdir:
+        for backend in args.backends.split(","):
+            rows[backend] = run_backend(args, backend, workdir)
+    env = environment(device)
+    import deepspeed
+
+    env["deepspeed"] = deepspeed.__version__
+    base = rows.get("bbm", {}).get("tokens_per_s")
+    print(f"\n{Path(args.config).name}: {env}")
+    print(f"{'backend':<12} {'tokens/s':>10} {'step s':>7} {'TFLOP/s':>8} {'MFU':>6} {'TFLOP/s N^2':>12} {'MFU N^2':>8} "
+          f"{'attn gain':>9} {'mem GiB':>8} {'bbm x':>6}")
+    for backend, r in rows.items():
+        if "error" in r:
+            print(f"{backend:<12} failed: {r['error']}")
+            continue
+        speed = base / r["tokens_per_s"] if base else None
+        print(f"{backend:<12} {r['tokens_per_s']:>10.0f} {r['step_time_s']:>7.3f} {fmt(r['tflops']):>8} "
+              f"{fmt(r['mfu'], '.3f'):>6} {fmt(r['tflops_dense_convention']):>12} {fmt(r['mfu_dense_convention'], '.3f'):>8} "
+              f"{fmt(r['gain_vs_dense'], '.2f'):>9} {r['peak_mem_gib']:>8.1f} {fmt(speed, '.2f'):>6}")
+    out = RESULTS / "train_throughput.json"
+    write_json(out, {"config": Path(args.config).name, "environment": env, "warmup": args.warmup, "steps": args.steps,
+                     "rows": rows})
+    print(f"\nwritten {out}")
+
+
+if __name__ == "__main__":
+    main()
