@@ -11,7 +11,8 @@ instead of seven, measured no faster on the H100: see benchmarks/NOTES_attention
 import triton
 import triton.language as tl
 
-from bbm.kernels.tiles import FULL, RANGES, in_bits, in_ranges, load_intervals, load_rows, load_vec, store_rows, work_item
+from bbm.kernels.tiles import (FULL, RANGES, in_bits, in_ranges, load_intervals, load_rows, load_vec, row_intervals,
+                               store_rows, work_item)
 
 
 @triton.jit
@@ -144,13 +145,7 @@ def _dq_program(pid, Q, K, V, DO, LSE, DELTA, DQ, Q_COUNT_FULL, Q_COUNT, Q_IDX, 
     do = load_rows(DO + b.to(tl.int64) * stride_dob + h * stride_doh, rows, offs_d, stride_don, n_q, D, EVEN_M, EVEN_D, UPCAST)
     lse = load_vec(LSE + bh * n_q, rows, n_q, float("inf"), EVEN_M)
     delta = load_vec(DELTA + bh * n_q, rows, n_q, 0.0, EVEN_M)
-    if KIND == RANGES:
-        lo0, len0, lo1, len1 = load_intervals(INTERVALS + bm.to(tl.int64) * 4 * n_q, rows, n_q, EVEN_M)
-    else:
-        lo0 = rows
-        len0 = rows
-        lo1 = rows
-        len1 = rows
+    lo0, len0, lo1, len1 = row_intervals(INTERVALS + bm.to(tl.int64) * 4 * n_q, rows, n_q, KIND, EVEN_M)
     line = (bm * HM + hm) * NUM_M + m
     n_full = tl.load(Q_COUNT_FULL + line)
     count = tl.load(Q_COUNT + line)

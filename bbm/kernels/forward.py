@@ -4,7 +4,8 @@ with no allowed key) for the backward pass."""
 import triton
 import triton.language as tl
 
-from bbm.kernels.tiles import EDGE, FULL, RANGES, in_bits, in_ranges, load_intervals, load_rows, store_rows, work_item
+from bbm.kernels.tiles import (EDGE, FULL, RANGES, in_bits, in_ranges, load_rows, row_intervals, store_rows,
+                               work_item)
 
 
 @triton.jit
@@ -69,13 +70,7 @@ def fwd_kernel(Q, K, V, O, LSE, Q_COUNT_FULL, Q_COUNT, Q_IDX, Q_ORDER, INTERVALS
     count = tl.load(Q_COUNT + line)
     idx = Q_IDX + line.to(tl.int64) * NUM_N
     bits_index = BITS_INDEX + line.to(tl.int64) * NUM_N
-    if KIND == RANGES:
-        lo0, len0, lo1, len1 = load_intervals(INTERVALS + bm.to(tl.int64) * 4 * n_q, rows, n_q, EVEN_M)
-    else:
-        lo0 = rows
-        len0 = rows
-        lo1 = rows
-        len1 = rows
+    lo0, len0, lo1, len1 = row_intervals(INTERVALS + bm.to(tl.int64) * 4 * n_q, rows, n_q, KIND, EVEN_M)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -84,13 +79,17 @@ def fwd_kernel(Q, K, V, O, LSE, Q_COUNT_FULL, Q_COUNT, Q_IDX, Q_ORDER, INTERVALS
     if not EVEN_N:  # the last key tile runs past Nk: if it is full, visit it with the bound check
         last = tl.load(idx + tl.maximum(n_full - 1, 0))
         j_plain = j_full - SUB_N * ((n_full > 0) & (last == NUM_N - 1)).to(tl.int32)
-    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, idx, TILE_BITS, bits_index, 0, j_plain, sub_rows, offs_n, offs_d, n_k, D, qk_scale,
-                              lo0, len0, lo1, len1, FULL, SUB_N, MB_N, MB_M, BLOCK_N, EVEN_N, EVEN_D, UPCAST, PREC)
+    # full tiles without mask work, the last key tile with the bound check only, then the partial tiles
+    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, idx, TILE_BITS, bits_index,
+                              0, j_plain, sub_rows, offs_n, offs_d, n_k, D, qk_scale, lo0, len0, lo1, len1,
+                              FULL, SUB_N, MB_N, MB_M, BLOCK_N, EVEN_N, EVEN_D, UPCAST, PREC)
     if not EVEN_N:
-        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, idx, TILE_BITS, bits_index, j_plain, j_full, sub_rows, offs_n, offs_d, n_k, D, qk_scale,
-                                  lo0, len0, lo1, len1, EDGE, SUB_N, MB_N, MB_M, BLOCK_N, EVEN_N, EVEN_D, UPCAST, PREC)
-    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, idx, TILE_BITS, bits_index, j_full, count * SUB_N, sub_rows, offs_n, offs_d, n_k, D, qk_scale,
-                              lo0, len0, lo1, len1, KIND, SUB_N, MB_N, MB_M, BLOCK_N, EVEN_N, EVEN_D, UPCAST, PREC)
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, idx, TILE_BITS, bits_index,
+                                  j_plain, j_full, sub_rows, offs_n, offs_d, n_k, D, qk_scale, lo0, len0, lo1, len1,
+                                  EDGE, SUB_N, MB_N, MB_M, BLOCK_N, EVEN_N, EVEN_D, UPCAST, PREC)
+    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, idx, TILE_BITS, bits_index,
+                              j_full, count * SUB_N, sub_rows, offs_n, offs_d, n_k, D, qk_scale, lo0, len0, lo1, len1,
+                              KIND, SUB_N, MB_N, MB_M, BLOCK_N, EVEN_N, EVEN_D, UPCAST, PREC)
     # rows with no allowed key: output 0 and lse +inf (so the backward gives them p = 0)
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]

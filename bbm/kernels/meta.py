@@ -11,23 +11,24 @@ import triton.language as tl
 
 
 @triton.jit
+def _place(cls_ptr, stride, length, idx_ptr, first, value, CHUNK: tl.constexpr):
+    """Write the positions of the entries equal to ``value`` to idx_ptr[first:], in order; -> their count."""
+    offs = tl.arange(0, CHUNK)
+    count = first
+    for start in range(0, length, CHUNK):
+        pos = start + offs
+        hit = tl.load(cls_ptr + pos * stride, mask=pos < length, other=0) == value
+        tl.store(idx_ptr + count + tl.cumsum(hit.to(tl.int32), 0) - 1, pos, mask=hit)
+        count += tl.sum(hit.to(tl.int32), 0)
+    return count
+
+
+@triton.jit
 def _compact(cls_ptr, stride, length, idx_ptr, count_full_ptr, count_ptr, CHUNK: tl.constexpr):
     """Write the positions of FULL (2) entries of a line, then of PARTIAL (1) ones, then -1 padding."""
+    n_full = _place(cls_ptr, stride, length, idx_ptr, 0, 2, CHUNK)
+    count = _place(cls_ptr, stride, length, idx_ptr, n_full, 1, CHUNK)
     offs = tl.arange(0, CHUNK)
-    n_full = 0
-    for start in range(0, length, CHUNK):
-        pos = start + offs
-        c = tl.load(cls_ptr + pos * stride, mask=pos < length, other=0)
-        full = c == 2
-        tl.store(idx_ptr + n_full + tl.cumsum(full.to(tl.int32), 0) - 1, pos, mask=full)
-        n_full += tl.sum(full.to(tl.int32), 0)
-    count = n_full
-    for start in range(0, length, CHUNK):
-        pos = start + offs
-        c = tl.load(cls_ptr + pos * stride, mask=pos < length, other=0)
-        part = c == 1
-        tl.store(idx_ptr + count + tl.cumsum(part.to(tl.int32), 0) - 1, pos, mask=part)
-        count += tl.sum(part.to(tl.int32), 0)
     for start in range(0, length, CHUNK):
         pos = start + offs
         tl.store(idx_ptr + pos, tl.full([CHUNK], -1, tl.int32), mask=(pos >= count) & (pos < length))

@@ -77,6 +77,19 @@ def load_intervals(ranges, rows, n_q, EVEN_M: tl.constexpr):
 
 
 @triton.jit
+def row_intervals(ranges, rows, n_q, KIND: tl.constexpr, EVEN_M: tl.constexpr):
+    """The rows' intervals when the mask is structured; placeholders the BITS path never reads otherwise."""
+    if KIND == RANGES:
+        lo0, len0, lo1, len1 = load_intervals(ranges, rows, n_q, EVEN_M)
+    else:
+        lo0 = rows
+        len0 = rows
+        lo1 = rows
+        len1 = rows
+    return lo0, len0, lo1, len1
+
+
+@triton.jit
 def work_item(pid, order, n_items, SUB: tl.constexpr, num_tiles, HM, REPLICAS_H):
     """Program id -> (mask sample, mask head, tile, sub-block, replica b offset, replica h offset).
 
