@@ -102,8 +102,8 @@ def main():
               f"{fmt(r['mfu'], '.3f'):>6} {fmt(r['tflops_dense_convention']):>12} {fmt(r['mfu_dense_convention'], '.3f'):>8} "
               f"{fmt(r['gain_vs_dense'], '.2f'):>9} {r['peak_mem_gib']:>8.1f} {fmt(speed, '.2f'):>6}")
     out = RESULTS / "train_throughput.json"
-    write_json(out, {"config": Path(args.config).name, "environment": env, "warmup": args.warmup, "steps": args.steps,
-                     "rows": rows})
+    write_json(out, {"config": Path(args.config).name, "overrides": args.overrides, "environment": env,
+                     "warmup": args.warmup, "steps": args.steps, "rows": rows})
     print(f"\nwritten {out}")
 
 

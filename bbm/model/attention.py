@@ -9,7 +9,7 @@ Every backend keeps the bbm ``Mask`` of the pairs it computes, for FLOP counting
 A sequence-parallel wrapper replaces ``attend`` (see ``Decoder.attention_fn``).
 """
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -30,6 +30,7 @@ class BatchMask:
     mask: bbm.Mask  # the pairs this backend attends to (documents, or plain causal for sdpa_causal)
     block_mask: Any = None  # flex: torch BlockMask
     dense: Optional[torch.Tensor] = None  # sdpa_masked: bool (B, 1, N, N)
+    biases: dict = field(default_factory=dict)  # sdpa_masked: additive float mask per dtype, shared by all layers
 
     def allowed_pairs(self) -> int:
         """Allowed (query, key) pairs summed over the micro-batch, per head."""
@@ -86,6 +87,15 @@ def _flex(q, k, v, block_mask):
     return fn(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
+def _additive_mask(batch_mask: BatchMask, dtype):
+    """0 / -inf float mask, made once per micro-batch: SDPA converts a bool mask (and keeps the copy for
+    backward) in every layer, N^2 bytes each."""
+    if dtype not in batch_mask.biases:
+        zero = torch.zeros((), dtype=dtype, device=batch_mask.dense.device)
+        batch_mask.biases[dtype] = torch.where(batch_mask.dense, zero, float("-inf"))
+    return batch_mask.biases[dtype]
+
+
 def attend(q, k, v, batch_mask: BatchMask):
     """Attention of q ``(B, Hq, N, D)`` over k, v ``(B, Hkv, N, D)`` restricted by the micro-batch's mask."""
     backend = batch_mask.backend
@@ -96,5 +106,5 @@ def attend(q, k, v, batch_mask: BatchMask):
     if backend == "sdpa_masked":  # kv heads repeated: SDPA's memory-efficient kernel takes a mask but no GQA
         group = q.shape[1] // k.shape[1]
         k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=batch_mask.dense)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=_additive_mask(batch_mask, q.dtype))
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])

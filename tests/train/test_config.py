@@ -91,3 +91,11 @@ def test_deepspeed_dict_follows_the_yaml():
     assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 0.5
     assert ds["bf16"] == {"enabled": True} and ds["zero_optimization"]["stage"] == 3
     assert ds["zero_optimization"]["stage3_max_live_parameters"] == 1000  # extra merged last
+
+
+@pytest.mark.parametrize("script", ["quickstart.sh", "single_node.sh", "multi_node.sh", "slurm.sbatch"])
+def test_launch_scripts_parse(script):
+    import subprocess
+
+    proc = subprocess.run(["bash", "-n", str(REPO / "launch" / script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
