@@ -61,6 +61,8 @@ def init_distributed(device_kind: str = "auto", local_rank=None) -> DistEnv:
     """Initialises the process group through DeepSpeed (NCCL on GPUs, gloo on CPUs)."""
     set_rank_variables(local_rank)
     kind = resolve_device(device_kind)
+    if kind == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # chosen, not a failed GPU detection (no warning)
     import deepspeed
 
     if kind == "cpu":

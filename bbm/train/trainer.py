@@ -336,7 +336,7 @@ class Trainer:
         lines = [f"bbm train: {head}",
                  f"  metrics     {self.run_dir / METRICS_FILE}",
                  f"  dashboard   {summary.get('dashboard')}   (redraw: python -m bbm.train.dashboard {self.run_dir})",
-                 f"  checkpoint  {summary['checkpoint']}   (the same command resumes from it)"]
+                 f"  checkpoint  {summary['checkpoint']}   (checkpoint.resume=auto, the default, continues from it)"]
         if summary.get("wandb_dir"):
             lines.append(f"  wandb       {summary['wandb_dir']}   (upload later: wandb sync {summary['wandb_dir']})")
         return "\n".join(lines)
