@@ -13,6 +13,7 @@ import yaml
 
 from bbm._checks import fail
 from bbm.data import DataConfig
+from bbm.distributed.ulysses import kv_replication
 from bbm.model import ModelConfig
 
 FLOAT_LITERAL = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")  # PyYAML reads "3e-4" as a string
@@ -52,7 +53,7 @@ class DeepSpeedConfig:
     gradient_accumulation_steps: int = 1
     gradient_clipping: float = 1.0  # 0: off
     activation_checkpointing: bool = False  # recompute each decoder block in the backward pass
-    sequence_parallel_size: int = 1  # Ulysses; not implemented yet (must be 1)
+    sequence_parallel_size: int = 1  # Ulysses: ranks that split each sequence (world = data parallel x this)
     extra: dict = field(default_factory=dict)  # merged last into the DeepSpeed config dict
 
 
@@ -119,9 +120,16 @@ class TrainConfig:
             fail("schedule.min_lr_ratio", "a float in [0, 1]", r.schedule.min_lr_ratio)
         if not all(0 <= b < 1 for b in r.optimizer.betas):
             fail("optimizer.betas", "two floats in [0, 1)", list(r.optimizer.betas))
-        if r.deepspeed.sequence_parallel_size != 1:
-            fail("deepspeed.sequence_parallel_size", "1 (sequence parallelism is not implemented yet)",
-                 r.deepspeed.sequence_parallel_size, NotImplementedError)
+        sp = r.deepspeed.sequence_parallel_size
+        if sp < 1:
+            fail("deepspeed.sequence_parallel_size", "an int >= 1", sp)
+        if sp > 1:  # Ulysses splits the heads and the sequence over sp ranks (the world size is checked at start)
+            try:
+                kv_replication(r.model.n_heads, r.model.kv_heads, sp)
+            except ValueError as e:
+                raise ValueError(f"model.{e}") from None
+            if r.run.seq_len % sp:
+                fail("run.seq_len", f"a multiple of deepspeed.sequence_parallel_size={sp}", r.run.seq_len)
         if r.metrics.peak_tflops is not None and r.metrics.peak_tflops <= 0:
             fail("metrics.peak_tflops", "a positive float or null", r.metrics.peak_tflops)
         if r.checkpoint.resume not in ("auto", "none") and not Path(r.checkpoint.resume).is_dir():

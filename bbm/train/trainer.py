@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 
 from bbm._checks import fail
-from bbm.model import Decoder, build_mask
+from bbm.distributed import ParallelGroups, UlyssesAttention, sequence_parallel_loss, shard_batch
+from bbm.model import Decoder, attend, build_mask
 from bbm.train import checkpoint as ckpt
 from bbm.train.config import TrainConfig, to_dict
 from bbm.train.ds_config import deepspeed_config
@@ -89,6 +90,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, loader=None, local_rank: Optional[int] = None):
         self.cfg = cfg
         self.env = init_distributed(cfg.run.device, local_rank)
+        self.groups = ParallelGroups(cfg.deepspeed.sequence_parallel_size)  # data parallel x sequence parallel
+        self.sp = self.groups.sp_size
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -104,19 +107,22 @@ class Trainer:
         self.model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
         seed_everything(cfg.run.seed)  # the same initial weights on every rank
         model = Decoder(self.model_cfg, checkpoint_layers=cfg.deepspeed.activation_checkpointing)
+        if self.sp > 1:  # Ulysses: all-to-all around attention, each rank attends over n_heads / sp heads
+            model.attention_fn = UlyssesAttention(self.groups.sp_group, attend)
         self.matmul_params = model.matmul_params()
         optimizer = build_optimizer(model, cfg.optimizer)
         schedule = build_schedule(optimizer, cfg.schedule, cfg.run.max_steps)
-        self.ds_config = deepspeed_config(cfg, self.env.world_size)
+        self.ds_config = deepspeed_config(cfg, self.groups.dp_size)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                               config=self.ds_config, dist_init_required=False)
+                                               config=self.ds_config, dist_init_required=False,
+                                               mpu=self.groups if self.sp > 1 else None)
         self.dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
         self.peak = peak_tflops(cfg.metrics.peak_tflops, self.env.device)
         self.checkpoints = ckpt.Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, self.env.rank)
         self.step = self.start_step = 0
         self.tokens_seen = 0
         self.tokens_per_step = (cfg.run.seq_len * cfg.run.micro_batch_size * cfg.deepspeed.gradient_accumulation_steps
-                                * self.env.world_size)
+                                * self.groups.dp_size)
         self.saved_step = None
         self.last_checkpoint = None
         self._resume()
@@ -130,8 +136,9 @@ class Trainer:
             prepare(cfg.data)
         dist.barrier()
         path = prepare(cfg.data)
-        return PackedLoader(path, cfg.run.seq_len, cfg.run.micro_batch_size, rank=env.rank,
-                            world_size=env.world_size, seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+        # every rank of a sequence-parallel group reads the same packed samples
+        return PackedLoader(path, cfg.run.seq_len, cfg.run.micro_batch_size, rank=self.groups.dp_rank,
+                            world_size=self.groups.dp_size, seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                             prefetch=cfg.data.prefetch)
 
     def _resume(self):
@@ -172,8 +179,12 @@ class Trainer:
         run = self.cfg.run
         while True:
             batch = self._to_device(next(batches))
-            batch_mask = build_mask(batch["doc_ids"], self.model_cfg.attention)  # one mask for every layer
+            batch_mask = build_mask(batch["doc_ids"], self.model_cfg.attention)  # whole sequence, every layer
+            if self.sp > 1:
+                batch = shard_batch(batch, self.groups.sp_rank, self.sp)
             loss = self.engine(batch["tokens"], batch["position_ids"], batch_mask, batch["labels"])
+            if self.sp > 1:  # this rank's share of the whole sequence's mean loss
+                loss = sequence_parallel_loss(loss, batch["labels"], self.groups.sp_group)
             if not self._any_rank(not bool(torch.isfinite(loss.detach()))):
                 return batch, batch_mask, loss
             step = self.step + 1
@@ -206,12 +217,12 @@ class Trainer:
                 grad_norm = self._grad_norm_fp32()
             self.engine.step()
             tokens = batch["tokens"].numel()
-            pairs = batch_mask.allowed_pairs()
-            b, n = batch["tokens"].shape
+            pairs = batch_mask.allowed_pairs() / self.sp  # this rank attends for 1/sp of the heads
+            b, n = batch["tokens"].shape[0], batch["tokens"].shape[1] * self.sp
             interval.losses.append(loss.detach().float())
             interval.totals += torch.tensor([
                 tokens, step_flops(self.matmul_params, tokens, mc.n_layers, mc.n_heads, mc.head_dim, pairs),
-                step_flops(self.matmul_params, tokens, mc.n_layers, mc.n_heads, mc.head_dim, dense_pairs(b, n)),
+                step_flops(self.matmul_params, tokens, mc.n_layers, mc.n_heads, mc.head_dim, dense_pairs(b, n) / self.sp),
                 pairs], dtype=torch.float64)
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
@@ -228,7 +239,7 @@ class Trainer:
         totals = interval.totals.to(env.device)
         if env.world_size > 1:
             dist.all_reduce(loss)
-            loss /= env.world_size
+            loss /= self.groups.dp_size  # sequence-parallel ranks hold shares of one loss: sum over SP, mean over DP
             dist.all_reduce(totals)
         tokens, flops, dense_flops, pairs = totals.tolist()
         n = self.cfg.run.seq_len

@@ -53,7 +53,9 @@ def test_overrides_are_typed():
     ("data.prefetch=-1", "data.prefetch", ValueError),
     ("run.on_nonfinite=ignore", "run.on_nonfinite", ValueError),
     ("checkpoint.resume=/no/such/dir", "checkpoint.resume", ValueError),
-    ("deepspeed.sequence_parallel_size=2", "deepspeed.sequence_parallel_size", NotImplementedError),
+    ("deepspeed.sequence_parallel_size=0", "deepspeed.sequence_parallel_size", ValueError),
+    ("deepspeed.sequence_parallel_size=4", "model.n_heads", ValueError),  # 6 heads do not split 4 ways
+    ("deepspeed.sequence_parallel_size=3", "model.n_kv_heads", ValueError),  # 2 kv heads vs 3 ranks
     ("optimizer=3", "optimizer", TypeError),
     ("run.seq_len.x=1", "run.seq_len", ValueError),
 ])

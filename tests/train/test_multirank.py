@@ -70,3 +70,17 @@ def test_killed_during_save_leaves_previous_checkpoint(work, one_rank):
     assert [r["loss"] for r in resumed] == [r["loss"] for r in one_rank]
     leftovers = sorted(p.name for p in root.iterdir() if p.name.startswith(("step_", "tmp.", "trash.")))
     assert leftovers == ["step_00000002", "step_00000004"]  # the interrupted save was swept away
+
+
+def test_sequence_parallel_two_ranks_equal_one_rank(work, one_rank):
+    """Ulysses: 2 ranks split every sequence (dp 1 x sp 2); same global batch, same losses and grad norms."""
+    run_dir = work / "sequence_parallel"
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port())]
+    run_child([*launcher, "train.py", *common(work), "deepspeed.zero_stage=2", "deepspeed.sequence_parallel_size=2",
+               "deepspeed.gradient_accumulation_steps=2", f"run.dir={run_dir}"])
+    sp = records(run_dir)
+    assert [r["step"] for r in sp] == [1, 2, 3, 4]
+    for a, b in zip(one_rank, sp):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
+        assert b["tokens_per_s"] > 0
