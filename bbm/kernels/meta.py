@@ -101,3 +101,38 @@ def ranges_lists(ranges: torch.Tensor, n_k: int, block_m: int, block_n: int):
     compact_kernel[(lines_k,)](classes, kf, kc, ki, num_m, num_n, CHUNK=chunk)
     return (classes, qf.view(bm_, 1, num_m), qc.view(bm_, 1, num_m), qi.view(bm_, 1, num_m, num_n),
             kf.view(bm_, 1, num_n), kc.view(bm_, 1, num_n), ki.view(bm_, 1, num_n, num_m))
+
+
+@triton.jit
+def _max(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def document_ranges_kernel(DOC, RANGES, n, window, CHUNK: tl.constexpr):
+    """Causal document ranges of one sample per program: lo = max(doc start, q - window + 1), hi = q + 1."""
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, CHUNK)
+    carry = 0  # start of the document running into this chunk
+    for first in range(0, n, CHUNK):
+        q = first + offs
+        inside = q < n
+        doc = tl.load(DOC + b * n + q, mask=inside, other=0)
+        prev = tl.load(DOC + b * n + q - 1, mask=inside & (q > 0), other=0)
+        is_start = (q == 0) | (doc != prev)
+        start = tl.maximum(tl.associative_scan(tl.where(is_start, q, 0), 0, _max), carry)  # running max
+        carry = tl.max(tl.where(inside, start, 0), 0)
+        out = RANGES + b * 4 * n + q
+        tl.store(out, tl.maximum(start, q - window + 1), mask=inside)
+        tl.store(out + n, q + 1, mask=inside)
+        tl.store(out + 2 * n, tl.zeros_like(q), mask=inside)
+        tl.store(out + 3 * n, tl.zeros_like(q), mask=inside)
+
+
+def document_ranges(doc_ids: torch.Tensor, window) -> torch.Tensor:
+    """int32 (B, 4, N) ranges of the causal (optionally windowed) document mask, in one launch."""
+    b, n = doc_ids.shape
+    ranges = torch.empty(b, 4, n, dtype=torch.int32, device=doc_ids.device)
+    document_ranges_kernel[(b,)](doc_ids.contiguous(), ranges, n, n if window is None else window,
+                                 CHUNK=min(4096, triton.next_power_of_2(n)))
+    return ranges

@@ -97,18 +97,21 @@ class Mask:
         if n == 0 or b == 0:
             fail("doc_ids", "a non-empty (B, N) tensor", f"shape {tuple(doc_ids.shape)}")
         dev = doc_ids.device
-        pos = torch.arange(n, device=dev, dtype=torch.int32).expand(b, n)
         change = doc_ids[:, 1:] != doc_ids[:, :-1]
-        is_start = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=dev), change], dim=1)
-        is_end = torch.cat([change, torch.ones(b, 1, dtype=torch.bool, device=dev)], dim=1)
-        start = torch.where(is_start, pos, 0).cummax(dim=1).values
-        end = torch.where(is_end, pos + 1, n).flip(1).cummin(dim=1).values.flip(1)
         if check:
-            runs = is_start.sum(1)
+            runs = 1 + change.sum(1)
             distinct = 1 + (doc_ids.sort(dim=1).values.diff(dim=1) != 0).sum(1)
             if bool((runs != distinct).any()):
                 fail("doc_ids", "each document id to form one contiguous run",
                      "an id that appears in two separate runs")
+        if doc_ids.is_cuda and causal and prefix is None:  # the training case: one Triton launch
+            from bbm.kernels.meta import document_ranges  # imported lazily: CPU users never load Triton
+            return cls(n_q=n, n_k=n, ranges=document_ranges(doc_ids, window))
+        pos = torch.arange(n, device=dev, dtype=torch.int32).expand(b, n)
+        is_start = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=dev), change], dim=1)
+        is_end = torch.cat([change, torch.ones(b, 1, dtype=torch.bool, device=dev)], dim=1)
+        start = torch.where(is_start, pos, 0).cummax(dim=1).values
+        end = torch.where(is_end, pos + 1, n).flip(1).cummin(dim=1).values.flip(1)
         if causal:
             lo, hi = start, pos + 1
             if window is not None:
