@@ -43,3 +43,13 @@ def grads_against_reference(q, k, v, out, ref):
     got = torch.autograd.grad(out, (q, k, v), g)
     want = torch.autograd.grad(ref, (q, k, v), g.double())
     return list(zip(got, want))
+
+
+def scattered_banded(n, bandwidth, seed=0):
+    """bool (1, 1, n, n): a band |i - j| < bandwidth seen through a random token permutation (scattered
+    non-zeros with hidden structure, the case Reverse Cuthill-McKee reordering is for)."""
+    g = torch.Generator().manual_seed(seed)
+    i = torch.arange(n)
+    band = (i[:, None] - i[None, :]).abs() < bandwidth
+    shuffle = torch.randperm(n, generator=g)
+    return band[shuffle][:, shuffle].view(1, 1, n, n)

@@ -11,15 +11,8 @@ import time
 import torch
 
 import bbm
+from bbm.testing import scattered_banded
 from common import RESULTS, environment, write_json
-
-
-def scattered_banded(n, bandwidth, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    i = torch.arange(n)
-    band = (i[:, None] - i[None, :]).abs() < bandwidth
-    shuffle = torch.randperm(n, generator=g)
-    return band[shuffle][:, shuffle].view(1, 1, n, n)
 
 
 def main():

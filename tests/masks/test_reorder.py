@@ -2,16 +2,7 @@
 import torch
 
 import bbm
-from bbm.testing import dense_attention, grads_against_reference, random_qkv
-
-
-def scattered_banded(n, bandwidth, seed):
-    """A banded mask seen through a random token permutation: scattered non-zeros, hidden structure."""
-    g = torch.Generator().manual_seed(seed)
-    i = torch.arange(n)
-    band = (i[:, None] - i[None, :]).abs() < bandwidth
-    shuffle = torch.randperm(n, generator=g)
-    return band[shuffle][:, shuffle].view(1, 1, n, n)
+from bbm.testing import dense_attention, grads_against_reference, random_qkv, scattered_banded
 
 
 def test_rcm_gathers_tiles_and_round_trips():
