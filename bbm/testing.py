@@ -37,6 +37,15 @@ def random_doc_ids(b, n, max_docs, generator=None, device="cpu"):
     return torch.stack(rows).to(torch.int32).to(device)
 
 
+def document_positions(doc_ids):
+    """Position ids restarting at 0 in every document (a run of equal ids), same shape as ``doc_ids``."""
+    b, n = doc_ids.shape
+    pos = torch.arange(n, device=doc_ids.device).expand(b, n)
+    start = torch.ones(b, n, dtype=torch.bool, device=doc_ids.device)
+    start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return pos - torch.where(start, pos, 0).cummax(dim=1).values
+
+
 def grads_against_reference(q, k, v, out, ref):
     """Backprop the same random cotangent through `out` and the float64 `ref`; return pairs of grads."""
     g = torch.randn_like(out)

@@ -13,17 +13,15 @@ import time
 import torch
 
 from bbm.model import Decoder, build_mask
+from bbm.testing import document_positions
 from bbm.train.config import load_config
 from common import RESULTS, environment, packed_doc_ids, stdlib_file_sizes, write_json
 
 
 def batch(n, device):
     doc = packed_doc_ids(n, stdlib_file_sizes(), device=device)
-    pos = torch.arange(n, device=device)
-    start = torch.where(torch.cat([torch.ones(1, 1, dtype=torch.bool, device=device), doc[:, 1:] != doc[:, :-1]], 1),
-                        pos, 0).cummax(1).values
     tokens = torch.randint(0, 256, (1, n), device=device)
-    return tokens, pos - start, doc, tokens.roll(-1, 1)
+    return tokens, document_positions(doc), doc, tokens.roll(-1, 1)
 
 
 def main():

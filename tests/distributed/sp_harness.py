@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bbm.testing import random_doc_ids
+from bbm.testing import document_positions, random_doc_ids
 
 
 def run(fn, world_size: int, *args):
@@ -37,8 +37,7 @@ def packed_batch(b: int, n: int, vocab: int, max_docs: int, generator: torch.Gen
     pos = torch.arange(n).expand(b, n)
     doc_ids = torch.where(pos >= n - pad[:, None], doc_ids[:, -1:] + 1, doc_ids)  # padding: its own document
     tokens = torch.randint(0, vocab, (b, n), generator=generator)
-    start = torch.cat([torch.ones(b, 1, dtype=torch.bool), doc_ids[:, 1:] != doc_ids[:, :-1]], dim=1)
-    position_ids = pos - torch.where(start, pos, 0).cummax(dim=1).values
+    position_ids = document_positions(doc_ids)
     same_doc = torch.cat([doc_ids[:, 1:] == doc_ids[:, :-1], torch.zeros(b, 1, dtype=torch.bool)], dim=1)
     labels = torch.where(same_doc, tokens.roll(-1, dims=1), -100)
     labels = torch.where(pos >= n - pad[:, None], -100, labels)

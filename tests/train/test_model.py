@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from bbm.model import ATTENTION_BACKENDS, Decoder, ModelConfig, build_mask
+from bbm.testing import document_positions
 from bbm.train.flops import attention_gain, step_flops
 
 N, B, VOCAB = 128, 2, 61
@@ -14,10 +15,7 @@ def packed_batch(seed: int, n=N, b=B, max_docs=5):
     """Random documents packed back to back: doc ids, per-document positions, tokens, labels."""
     g = torch.Generator().manual_seed(seed)
     doc_ids = torch.randint(0, max_docs, (b, n), generator=g).sort(dim=1).values.to(torch.int32)
-    start = torch.ones(b, n, dtype=torch.bool)
-    start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    idx = torch.arange(n).expand(b, n)
-    position_ids = idx - torch.where(start, idx, 0).cummax(dim=1).values
+    position_ids = document_positions(doc_ids)
     tokens = torch.randint(0, VOCAB, (b, n), generator=g)
     labels = torch.randint(0, VOCAB, (b, n), generator=g)
     labels[:, -1] = -100
