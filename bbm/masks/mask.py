@@ -109,9 +109,10 @@ class Mask:
             return cls(n_q=n, n_k=n, ranges=document_ranges(doc_ids, window))
         pos = torch.arange(n, device=dev, dtype=torch.int32).expand(b, n)
         is_start = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=dev), change], dim=1)
-        is_end = torch.cat([change, torch.ones(b, 1, dtype=torch.bool, device=dev)], dim=1)
         start = torch.where(is_start, pos, 0).cummax(dim=1).values
-        end = torch.where(is_end, pos + 1, n).flip(1).cummin(dim=1).values.flip(1)
+        if not causal or prefix is not None:  # document ends: only non-causal and prefix-LM rows need them
+            is_end = torch.cat([change, torch.ones(b, 1, dtype=torch.bool, device=dev)], dim=1)
+            end = torch.where(is_end, pos + 1, n).flip(1).cummin(dim=1).values.flip(1)
         if causal:
             lo, hi = start, pos + 1
             if window is not None:
