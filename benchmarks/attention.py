@@ -61,7 +61,9 @@ def guarded(fn, seconds: int = 0):
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         return None
-    except TimedOut:
+    except Exception as e:  # inductor wraps the alarm's TimedOut in its own error
+        if not (isinstance(e, TimedOut) or isinstance(e.__cause__, TimedOut) or "TimedOut" in repr(e)):
+            raise
         print(f"    timed out after {seconds} s", flush=True)
         return None
     finally:
@@ -73,15 +75,16 @@ def time_pair(fn, q, k, v, grad, repeat):
             guarded(lambda: timed(fwd_bwd(fn, q, k, v, grad), q.device, repeat=repeat)))
 
 
-def flex_case(mask_mod, q, k, v, grad, n_q, n_k, repeat, row):
+def flex_case(mask_mod, q, k, v, grad, n_q, n_k, repeat, row, compile_seconds):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     dev = q.device
     make = lambda: create_block_mask(mask_mod, None, None, n_q, n_k, device=dev)
     row["flex_blockmask_ms"] = guarded(lambda: wall_ms(make, repeat=5, warmup=1), 60)
     compiled_make = torch.compile(create_block_mask)
     make_c = lambda: compiled_make(mask_mod, None, None, n_q, n_k, device=dev)
-    row["flex_blockmask_compiled_ms"] = guarded(lambda: wall_ms(make_c, repeat=10), 90)
-    block_mask = guarded(make_c if row["flex_blockmask_compiled_ms"] else make, 30)
+    if compile_seconds > 0:
+        row["flex_blockmask_compiled_ms"] = guarded(lambda: wall_ms(make_c, repeat=10), compile_seconds)
+    block_mask = guarded(make_c if row.get("flex_blockmask_compiled_ms") else make, 30)
     if block_mask is None:
         return None
     flex = torch.compile(flex_attention, dynamic=False)
@@ -113,20 +116,25 @@ def sdpa_cases(mask, q, k, v, grad, repeat, dense_max, row):
 
 
 def sweep(q, k, v, grad, mask, repeat, row, which):
-    """Candidate tile configs of bbm's kernels ("fwd" and/or "bwd"), forward and forward+backward."""
+    """Candidate tile configs of bbm's kernels ("fwd" and/or "bwd"): forward and forward+backward times,
+    and the largest relative difference of the output and gradients from the default config's."""
     from bbm.kernels import flash_attention
     from bbm.kernels.tuning import candidates
     scale = q.shape[-1] ** -0.5
+    run = lambda cfg: (lambda q, k, v: flash_attention(q, k, v, mask, scale, cfg))
+    outputs = lambda fn: [fn(q, k, v)] + list(fwd_bwd(fn, q, k, v, grad)())
+    want = outputs(run(None))
     row["sweep"] = {}
     for direction in which:
         for cfg in candidates(q.shape[-1], direction):
-            fn = lambda q, k, v, cfg=cfg: flash_attention(q, k, v, mask, scale, cfg)
             key = (f"{direction} {cfg.block_m}x{cfg.block_n} w{cfg.fwd_warps} s{cfg.fwd_stages}"
                    f" | bwd {cfg.big}/{cfg.small} w{cfg.bwd_warps} s{cfg.bwd_stages}")
             try:
-                row["sweep"][key] = time_pair(fn, q, k, v, grad, repeat)
+                got = guarded(lambda: outputs(run(cfg)), 180)
+                diff = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(got, want))
+                row["sweep"][key] = time_pair(run(cfg), q, k, v, grad, repeat) + (diff,)
             except Exception as e:  # noqa: BLE001 - a config that fails to compile is reported, not fatal
-                row["sweep"][key] = str(e).splitlines()[0][:120]
+                row["sweep"][key] = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
             print(f"    sweep {key}: {row['sweep'][key]}", flush=True)
 
 
@@ -151,7 +159,7 @@ def run_case(name, n, d, heads, kv_heads, args, dev):
         row["bbm_triton_fwd_ms"], row["bbm_triton_fwdbwd_ms"] = time_pair(tri, q, k, v, grad, args.repeat)
     stage("bbm timed")
     if not args.no_flex:
-        flex = flex_case(mask_mod, q, k, v, grad, n_q, n_k, args.repeat, row)
+        flex = flex_case(mask_mod, q, k, v, grad, n_q, n_k, args.repeat, row, args.blockmask_compile_seconds)
         if flex is not None:  # the two outputs agree (a correctness check at full size)
             with torch.no_grad():
                 a, b = bbm.attention(q, k, v, mask).float(), flex(q, k, v).float()
@@ -243,6 +251,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--sdpa-dense-max", type=int, default=32768)
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--blockmask-compile-seconds", type=int, default=90,
+                    help="time limit of the compiled create_block_mask timing (0: skip it)")
     ap.add_argument("--sweep", default="", help="also time every candidate config of: fwd,bwd")
     ap.add_argument("--out", default="benchmarks/results/attention.json")
     ap.add_argument("--plot", metavar="JSON", help="only draw the PNG of an existing JSON")

@@ -4,7 +4,7 @@ with no allowed key) for the backward pass."""
 import triton
 import triton.language as tl
 
-from bbm.kernels.tiles import (EDGE, FULL, RANGES, in_bits, in_ranges, load_rows, row_intervals, store_rows,
+from bbm.kernels.tiles import (EDGE, FULL, RANGES, in_ranges, load_rows, row_intervals, store_rows, tile_bits,
                                work_item)
 
 
@@ -28,7 +28,7 @@ def _fwd_loop(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, idx, bits, b
                 allowed = in_ranges(keys[None, :], lo0[:, None], len0[:, None], lo1[:, None], len1[:, None])
             else:
                 words = bits + tl.load(bits_index + tile).to(tl.int64) * (MB_M * (MB_N // 32))
-                allowed = in_bits(words, sub_rows[:, None], local[None, :], MB_N // 32)
+                allowed = tile_bits(words, sub_rows, (j % SUB_N) * BLOCK_N, BLOCK_N, MB_N // 32)
             qk = tl.where(allowed, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         if MODE != FULL:  # a row may have seen no allowed key yet: shift by 0 instead of -inf

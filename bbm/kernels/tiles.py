@@ -5,7 +5,7 @@ Modes of a visited tile (a constexpr of every loop):
   EDGE   a full tile that is the last key tile and runs past Nk: only the bound check;
   RANGES a partial tile of a structured mask: the element mask is computed in registers from the
          per-query intervals [lo0, lo0 + len0) and [lo1, lo1 + len1);
-  BITS   a partial tile of an arbitrary mask: the element mask is read from its bit-packed tile.
+  BITS   a partial tile of an arbitrary mask: the element mask is unpacked from its bit-packed tile.
 """
 import triton
 import triton.language as tl
@@ -23,10 +23,18 @@ def in_ranges(key, lo0, len0, lo1, len1):
 
 
 @triton.jit
-def in_bits(words, row, col, WORDS: tl.constexpr):
-    """Bit ``col % 32`` of word ``col // 32`` of tile row ``row`` (tile-local coordinates, broadcast)."""
-    w = tl.load(words + row * WORDS + (col >> 5))
-    return ((w >> (col & 31)) & 1) != 0
+def tile_bits(words, rows, col0, COLS: tl.constexpr, WORDS: tl.constexpr):
+    """(len(rows), COLS) bool block of a bit-packed tile (WORDS int32 words a row): tile rows ``rows``,
+    columns col0 .. col0 + COLS - 1 (col0 a multiple of COLS). Loads the rows' words as one small
+    block and unpacks them in registers."""
+    if COLS >= 32:
+        w = tl.load(words + rows[:, None] * WORDS + (col0 // 32 + tl.arange(0, COLS // 32))[None, :])
+        bits = (w[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1  # column 32 * word + bit
+        bits = tl.reshape(bits, (w.shape[0], COLS))
+    else:
+        w = tl.load(words + rows * WORDS + col0 // 32)
+        bits = (w[:, None] >> (col0 % 32 + tl.arange(0, COLS))[None, :]) & 1
+    return bits != 0
 
 
 @triton.jit
