@@ -1,5 +1,6 @@
-"""``flash_attention`` as a torch custom op (``bbm::flash_fwd`` / ``bbm::flash_bwd``) with autograd, so
-torch.compile'd models call it without a graph break and activation checkpointing recomputes it."""
+"""``flash_attention``: the kernels behind two torch custom ops (``bbm::flash_fwd`` / ``bbm::flash_bwd``) with
+autograd, so torch.compile'd models call them without a graph break, and, in eager mode, behind a plain
+autograd.Function (no dispatcher cost per call). Activation checkpointing recomputes either."""
 from typing import List, Optional, Tuple
 
 import torch
@@ -18,16 +19,27 @@ def _config(given: List[int], direction: str, q, lists, run) -> Config:
     return pick(direction, q.device, q.shape[-1], q.dtype, family, q.shape[0] * q.shape[1] * q.shape[2], run)
 
 
+def _forward(q, k, v, tensors, scale, given):
+    lists = launch.Lists(*tensors)
+    cfg = _config(given, "fwd", q, lists, lambda c: launch.forward(q, k, v, lists, scale, c))
+    return launch.forward(q, k, v, lists, scale, cfg)
+
+
+def _backward_kernels(do, q, k, v, out, lse, tensors, scale, given):
+    lists = launch.Lists(*tensors)
+    do = _dense_rows(do)
+    cfg = _config(given, "bwd", q, lists, lambda c: launch.backward(do, q, k, v, out, lse, lists, scale, c))
+    return launch.backward(do, q, k, v, out, lse, lists, scale, cfg)
+
+
 @torch.library.custom_op("bbm::flash_fwd", mutates_args=())
 def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_count_full: torch.Tensor,
               q_count: torch.Tensor, q_idx: torch.Tensor, q_order: torch.Tensor, k_count_full: torch.Tensor,
               k_count: torch.Tensor, k_idx: torch.Tensor, k_order: torch.Tensor, ranges: Optional[torch.Tensor],
               tile_bits: Optional[torch.Tensor], bits_index: Optional[torch.Tensor], scale: float,
               config: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    lists = launch.Lists(q_count_full, q_count, q_idx, q_order, k_count_full, k_count, k_idx, k_order,
-                         ranges, tile_bits, bits_index)
-    cfg = _config(config, "fwd", q, lists, lambda c: launch.forward(q, k, v, lists, scale, c))
-    return launch.forward(q, k, v, lists, scale, cfg)
+    return _forward(q, k, v, [q_count_full, q_count, q_idx, q_order, k_count_full, k_count, k_idx, k_order,
+                              ranges, tile_bits, bits_index], scale, config)
 
 
 @flash_fwd.register_fake
@@ -42,11 +54,8 @@ def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
               k_order: torch.Tensor, ranges: Optional[torch.Tensor], tile_bits: Optional[torch.Tensor],
               bits_index: Optional[torch.Tensor], scale: float,
               config: List[int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    lists = launch.Lists(q_count_full, q_count, q_idx, q_order, k_count_full, k_count, k_idx, k_order,
-                         ranges, tile_bits, bits_index)
-    do = _dense_rows(do)
-    cfg = _config(config, "bwd", q, lists, lambda c: launch.backward(do, q, k, v, out, lse, lists, scale, c))
-    return launch.backward(do, q, k, v, out, lse, lists, scale, cfg)
+    return _backward_kernels(do, q, k, v, out, lse, [q_count_full, q_count, q_idx, q_order, k_count_full, k_count,
+                                                     k_idx, k_order, ranges, tile_bits, bits_index], scale, config)
 
 
 @flash_bwd.register_fake
@@ -71,10 +80,27 @@ def _backward(ctx, d_out, d_lse):
 flash_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerFlash(torch.autograd.Function):
+    """The kernels of the two custom ops without the dispatcher's per-call cost, for eager mode (tracing
+    under torch.compile takes the custom ops)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, tensors, scale, given):
+        out, lse = _forward(q, k, v, tensors, scale, given)
+        ctx.save_for_backward(q, k, v, out, lse, *tensors)
+        ctx.scale, ctx.given = scale, given
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, out, lse, *tensors = ctx.saved_tensors
+        return _backward_kernels(d_out, q, k, v, out, lse, tensors, ctx.scale, ctx.given) + (None, None, None)
+
+
 def _dense_rows(t: torch.Tensor) -> torch.Tensor:
     """t itself if its last dim is contiguous and empty_like(t) has its strides (so gradients can share
     the launch's strides), else a contiguous copy."""
-    if t.stride(-1) == 1 and torch.empty_like(t).stride() == t.stride():
+    if t.is_contiguous() or (t.stride(-1) == 1 and torch.empty_like(t).stride() == t.stride()):
         return t
     return t.contiguous()
 
@@ -90,4 +116,6 @@ def flash_attention(q, k, v, mask, scale: float, config: Optional[Config] = None
     q, k, v = (_dense_rows(t) for t in (q, k, v))
     tensors = [getattr(meta, name) for name in _LIST_NAMES]
     given = [] if config is None else list(config.__dict__.values())
-    return flash_fwd(q, k, v, *tensors, float(scale), given)[0]
+    if torch.compiler.is_compiling():
+        return flash_fwd(q, k, v, *tensors, float(scale), given)[0]
+    return _EagerFlash.apply(q, k, v, tensors, float(scale), given)

@@ -113,17 +113,18 @@ def pick(direction: str, device: torch.device, d: int, dtype: torch.dtype, famil
     kernel on the real inputs). ``rows`` (batch x heads x Nq) keys the size class, a power of two."""
     if interpreting() or device.type != "cuda":
         return INTERPRETER
+    slot = (device.index, head_dim_class(d), dtype, family, direction, rows.bit_length())
+    if slot in _memory:  # the per-call path: no string building, no device queries
+        return _memory[slot]
     key = (f"{torch.cuda.get_device_name(device)}|d{head_dim_class(d)}|{dtype}|{family}|{direction}"
            f"|rows2^{rows.bit_length()}")
-    if key in _memory:
-        return _memory[key]
     disk = _load_disk().get(key)
     if disk is not None:
-        _memory[key] = Config(**disk)
-        return _memory[key]
+        _memory[slot] = Config(**disk)
+        return _memory[slot]
     options = candidates(d, direction)
     if os.environ.get("BBM_AUTOTUNE", "1") == "0":
-        _memory[key] = options[0]
+        _memory[slot] = options[0]
         return options[0]
     times = {}
     for cfg in options:
@@ -132,6 +133,6 @@ def pick(direction: str, device: torch.device, d: int, dtype: torch.dtype, famil
         except triton.runtime.errors.OutOfResources:
             continue
     best = min(times, key=times.get)
-    _memory[key] = best
+    _memory[slot] = best
     _save_disk(key, best)
     return best
