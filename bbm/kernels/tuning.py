@@ -43,11 +43,12 @@ class Config:
 INTERPRETER = Config(32, 32, 32, 32, 4, 1, 32, 16, 4, 1)
 META_TILE = (128, 128)
 
-# (block_m, block_n, warps, stages) forward; (big, small, warps, stages) backward; first = default
-_FWD = {64: [(128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 4, 3), (128, 64, 8, 3)],
+# (block_m, block_n, warps, stages) forward; (big, small, warps, stages) backward; first = default (the
+# winner of the H100 autotuning runs in benchmarks/NOTES_attention.md)
+_FWD = {64: [(128, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3)],
         128: [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3)],
         256: [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2)]}
-_BWD = {64: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)],
+_BWD = {64: [(64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3)],
         128: [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
         256: [(64, 32, 4, 2), (64, 16, 4, 2), (128, 32, 8, 1)]}
 
