@@ -7,10 +7,13 @@
 TFLOP/s count allowed pairs only: forward 4 D per pair per query head, backward 2.5x the forward.
 FlexAttention runs compiled, its BlockMask built once (its build timed separately, plain and with
 create_block_mask compiled). SDPA: flash and cuDNN for the exactly causal mask, a dense bool mask
-(efficient kernel) up to --sdpa-dense-max tokens. --sweep also times candidate tile configs.
+(efficient kernel) up to --sdpa-dense-max tokens. Document-causal masks also run PyTorch's own
+variable-length attention (torch.nn.attention.varlen; FlashAttention-2 kernels in torch 2.11) on the
+same documents, in its (tokens, heads, D) layout. --sweep also times candidate tile configs.
 """
 import argparse
 import faulthandler
+import inspect
 import json
 import signal
 import time
@@ -19,7 +22,7 @@ from pathlib import Path
 import torch
 
 import bbm
-from attention_masks import MASKS, build
+from attention_masks import MASKS, build, document_ids
 from common import environment, timed, write_json
 
 META_TILE = (128, 128)
@@ -115,6 +118,33 @@ def sdpa_cases(mask, q, k, v, grad, repeat, dense_max, row):
         row["sdpa_dense_fwd_ms"], row["sdpa_dense_fwdbwd_ms"] = time_pair(fn, q, k, v, grad, max(3, repeat // 4))
 
 
+def varlen_case(name, n, mask, q, k, v, grad, repeat, row):
+    """torch.nn.attention.varlen on the documents of a "docs"/"docs4" mask (same heads for Q and K/V)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return
+    if name not in ("docs", "docs4") or q.shape[1] != k.shape[1]:
+        return
+    counts = torch.unique_consecutive(document_ids(name, n, q.device), return_counts=True)[1]
+    cu = torch.nn.functional.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+    longest = int(counts.max())
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    packed = lambda t: t[0].transpose(0, 1).detach().contiguous()  # (tokens, heads, D)
+    qv, kv, vv = (packed(t).requires_grad_() for t in (q, k, v))
+    gv = packed(grad)
+    fn = lambda q, k, v: varlen_attn(q, k, v, cu, cu, longest, longest, **causal)
+    try:
+        row["varlen_fwd_ms"], row["varlen_fwdbwd_ms"] = time_pair(fn, qv, kv, vv, gv, repeat)
+    except RuntimeError as e:  # no varlen kernel for these inputs
+        row["varlen_error"] = str(e).splitlines()[0][:200]
+        return
+    with torch.no_grad():
+        a, b = bbm.attention(q, k, v, mask).float(), fn(qv, kv, vv).transpose(0, 1)[None].float()
+        row["rel_diff_vs_varlen"] = ((a - b).norm() / b.norm()).item()
+
+
 def sweep(q, k, v, grad, mask, repeat, row, which):
     """Candidate tile configs of bbm's kernels ("fwd" and/or "bwd"): forward and forward+backward times,
     and the largest relative difference of the output and gradients from the default config's."""
@@ -166,7 +196,8 @@ def run_case(name, n, d, heads, kv_heads, args, dev):
                 row["rel_diff_vs_flex"] = ((a - b).norm() / b.norm()).item()
         stage("flex timed")
     sdpa_cases(mask, q, k, v, grad, args.repeat, args.sdpa_dense_max, row)
-    stage("sdpa timed")
+    varlen_case(name, n, mask, q, k, v, grad, args.repeat, row)
+    stage("sdpa and varlen timed")
     if args.sweep:
         sweep(q, k, v, grad, mask, args.repeat, row, args.sweep.split(","))
     add_rates(row)
@@ -185,7 +216,7 @@ def add_rates(row):
         if row[key]:
             flop = row["fwd_tflop"] * (3.5 if key.endswith("fwdbwd_ms") else 1.0)
             row[key[:-3] + "_tflops"] = flop / (row[key] / 1e3)
-    for peer in ("flex", "sdpa_flash", "sdpa_cudnn", "sdpa_dense"):
+    for peer in ("flex", "sdpa_flash", "sdpa_cudnn", "sdpa_dense", "varlen"):
         for what in ("fwd", "fwdbwd"):
             mine, theirs = row.get(f"bbm_{what}_ms"), row.get(f"{peer}_{what}_ms")
             if mine and theirs:
@@ -199,7 +230,7 @@ def fmt(x, spec="8.2f"):
 def print_table(rows):
     head = (f"{'mask':>11} {'N':>6} {'D':>3} {'H':>5} {'dens':>5} | {'bbm fwd':>8} {'fwd+bwd':>8} {'TF/s':>5} "
             f"{'meta':>6} | {'flex fwd':>8} {'fwd+bwd':>8} {'TF/s':>5} {'bmask':>8} {'bm cmp':>7} | "
-            f"{'ratio':>5} | {'sdpa f+b':>8}")
+            f"{'ratio':>5} | {'sdpa f+b':>8} | {'varlen':>8} {'ratio':>5}")
     print(head)
     for r in rows:
         sdpa = r.get("sdpa_cudnn_fwdbwd_ms") or r.get("sdpa_flash_fwdbwd_ms") or r.get("sdpa_dense_fwdbwd_ms")
@@ -208,7 +239,8 @@ def print_table(rows):
               f"{fmt(r.get('bbm_meta_ms'), '6.3f')} | {fmt(r.get('flex_fwd_ms'))} {fmt(r.get('flex_fwdbwd_ms'))} "
               f"{fmt(r.get('flex_fwdbwd_tflops'), '5.0f')} {fmt(r.get('flex_blockmask_ms'))} "
               f"{fmt(r.get('flex_blockmask_compiled_ms'), '7.2f')} | {fmt(r.get('ratio_fwdbwd_vs_flex'), '5.2f')} | "
-              f"{fmt(sdpa)}", flush=True)
+              f"{fmt(sdpa)} | {fmt(r.get('varlen_fwdbwd_ms'))} {fmt(r.get('ratio_fwdbwd_vs_varlen'), '5.2f')}",
+              flush=True)
 
 
 def plot(json_path, png_path):
@@ -224,7 +256,8 @@ def plot(json_path, png_path):
                      key=lambda r: r["n"])
         for key, label in (("bbm_fwdbwd_tflops", "bbm"), ("bbm_triton_fwdbwd_tflops", "bbm Triton"),
                            ("flex_fwdbwd_tflops", "FlexAttention"), ("sdpa_cudnn_fwdbwd_tflops", "SDPA cuDNN"),
-                           ("sdpa_flash_fwdbwd_tflops", "SDPA flash"), ("sdpa_dense_fwdbwd_tflops", "SDPA dense mask")):
+                           ("sdpa_flash_fwdbwd_tflops", "SDPA flash"), ("sdpa_dense_fwdbwd_tflops", "SDPA dense mask"),
+                           ("varlen_fwdbwd_tflops", "PyTorch varlen")):
             pts = [(r["n"], r[key]) for r in sel if r.get(key)]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=label)

@@ -30,12 +30,17 @@ def _scattered(n: int, device, seed: int = 0) -> torch.Tensor:
     return ((inv[:, None] - inv[None, :]).abs() < 64).unsqueeze(0).unsqueeze(0)
 
 
+def document_ids(name: str, n: int, device) -> torch.Tensor:
+    """(n,) document ids of the packed row of the "docs" ("docs4", "prefix": lengths / 4) masks."""
+    sizes = stdlib_file_sizes()
+    lengths = sizes if name == "docs" else [max(1, s // 4) for s in sizes]
+    return packed_doc_ids(n, lengths, device=device)[0]
+
+
 def build(name: str, n: int, device):
     """-> (make_mask: () -> bbm.Mask, mask_mod, n_q, n_k). make_mask is what the metadata timing runs."""
-    sizes = stdlib_file_sizes()
     if name in ("docs", "docs4", "prefix"):
-        lengths = sizes if name == "docs" else [max(1, s // 4) for s in sizes]
-        doc = packed_doc_ids(n, lengths, device=device)[0]
+        doc = document_ids(name, n, device)
         if name == "prefix":  # each document's first half is its bidirectional prefix
             ids = doc.long()
             pos = torch.arange(n, device=device)

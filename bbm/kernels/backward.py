@@ -11,8 +11,7 @@ instead of seven, measured no faster on the H100: see benchmarks/NOTES_attention
 import triton
 import triton.language as tl
 
-from bbm.kernels.tiles import (FULL, RANGES, in_ranges, load_intervals, load_rows, load_vec, row_intervals,
-                               store_rows, tile_bits, work_item)
+from bbm.kernels.tiles import FULL, load_rows, load_vec, row_intervals, store_rows, tile_allowed, work_item
 
 
 @triton.jit
@@ -30,7 +29,7 @@ def delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_db, strid
 
 @triton.jit
 def _dkdv_loop(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, ranges, stride_qn, stride_don,
-               idx, bits, bits_col, num_n, j_lo, j_hi, keys, key0, offs_m, offs_d, n_q, D, qk_scale,
+               idx, bits, bits_col, num_n, j_lo, j_hi, keys, key0, offs_m, offs_d, n_q, n_k, D, qk_scale,
                MODE: tl.constexpr, SUB: tl.constexpr, MB_M: tl.constexpr, MB_N: tl.constexpr,
                BLOCK_M: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
                PREC: tl.constexpr):
@@ -43,12 +42,10 @@ def _dkdv_loop(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, ranges, stride_q
         lse = load_vec(lse_ptr, rows, n_q, float("inf"), EVEN_M)
         delta = load_vec(delta_ptr, rows, n_q, 0.0, EVEN_M)
         p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale - lse[None, :])  # P^T
-        if MODE == RANGES:
-            lo0, len0, lo1, len1 = load_intervals(ranges, rows, n_q, EVEN_M)
-            p_t = tl.where(in_ranges(keys[:, None], lo0[None, :], len0[None, :], lo1[None, :], len1[None, :]), p_t, 0.0)
-        elif MODE != FULL:
-            words = bits + tl.load(bits_col + tile * num_n).to(tl.int64) * (MB_M * (MB_N // 32))
-            p_t = tl.where(tl.trans(tile_bits(words, local, key0, keys.shape[0], MB_N // 32)), p_t, 0.0)
+        if MODE != FULL:
+            lo0, len0, lo1, len1 = row_intervals(ranges, rows, n_q, MODE, EVEN_M)
+            p_t = tl.where(tile_allowed(keys, local, key0, n_k, lo0, len0, lo1, len1, bits, bits_col + tile * num_n,
+                                        MODE, True, MB_M, MB_N, keys.shape[0]), p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -69,11 +66,9 @@ def _dq_loop(dq, q, do, lse, delta, k_ptr, v_ptr, stride_kn, stride_vn, idx, bit
         k = load_rows(k_ptr, keys, offs_d, stride_kn, n_k, D, EVEN_N, EVEN_D, UPCAST)  # keys past Nk read 0
         v = load_rows(v_ptr, keys, offs_d, stride_vn, n_k, D, EVEN_N, EVEN_D, UPCAST)
         p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale - lse[:, None])
-        if MODE == RANGES:
-            p = tl.where(in_ranges(keys[None, :], lo0[:, None], len0[:, None], lo1[:, None], len1[:, None]), p, 0.0)
-        elif MODE != FULL:
-            words = bits + tl.load(bits_index + tile).to(tl.int64) * (MB_M * (MB_N // 32))
-            p = tl.where(tile_bits(words, sub_rows, (j % SUB) * BLOCK_N, BLOCK_N, MB_N // 32), p, 0.0)
+        if MODE != FULL:
+            p = tl.where(tile_allowed(keys, sub_rows, (j % SUB) * BLOCK_N, n_k, lo0, len0, lo1, len1, bits,
+                                      bits_index + tile, MODE, False, MB_M, MB_N, BLOCK_N), p, 0.0)
         ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)  # a zero key row adds nothing
     return dq
@@ -113,10 +108,10 @@ def _dkdv_program(pid, Q, K, V, DO, LSE, DELTA, DK, DV, K_COUNT_FULL, K_COUNT, K
         do_ptr = DO + b.to(tl.int64) * stride_dob + h * stride_doh
         dk, dv = _dkdv_loop(dk, dv, k, v, q_ptr, do_ptr, LSE + bh * n_q, DELTA + bh * n_q, ranges, stride_qn,
                             stride_don, idx, TILE_BITS, bits_col, NUM_N, 0, n_full * SUB, keys, sub * BIG, offs_m,
-                            offs_d, n_q, D, qk_scale, FULL, SUB, MB_M, MB_N, SMALL, EVEN_M, EVEN_D, UPCAST, PREC)
+                            offs_d, n_q, n_k, D, qk_scale, FULL, SUB, MB_M, MB_N, SMALL, EVEN_M, EVEN_D, UPCAST, PREC)
         dk, dv = _dkdv_loop(dk, dv, k, v, q_ptr, do_ptr, LSE + bh * n_q, DELTA + bh * n_q, ranges, stride_qn,
                             stride_don, idx, TILE_BITS, bits_col, NUM_N, n_full * SUB, count * SUB, keys, sub * BIG,
-                            offs_m, offs_d, n_q, D, qk_scale, KIND, SUB, MB_M, MB_N, SMALL, EVEN_M, EVEN_D,
+                            offs_m, offs_d, n_q, n_k, D, qk_scale, KIND, SUB, MB_M, MB_N, SMALL, EVEN_M, EVEN_D,
                             UPCAST, PREC)
     # dK, dV share the layout of K, V
     store_rows(DK + b.to(tl.int64) * stride_kb + hk * stride_kh, dk * scale, keys, offs_d, stride_kn, n_k, D, EVEN_N, EVEN_D)

@@ -4,8 +4,7 @@ with no allowed key) for the backward pass."""
 import triton
 import triton.language as tl
 
-from bbm.kernels.tiles import (EDGE, FULL, RANGES, in_ranges, load_rows, row_intervals, store_rows, tile_bits,
-                               work_item)
+from bbm.kernels.tiles import EDGE, FULL, load_rows, row_intervals, store_rows, tile_allowed, work_item
 
 
 @triton.jit
@@ -22,13 +21,8 @@ def _fwd_loop(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, idx, bits, b
         v = load_rows(v_ptr, keys, offs_d, stride_vn, n_k, D, EVEN_N, EVEN_D, UPCAST)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC)
         if MODE != FULL:  # element mask: bound check, intervals in registers, or the packed bits
-            if MODE == EDGE:
-                allowed = keys[None, :] < n_k
-            elif MODE == RANGES:
-                allowed = in_ranges(keys[None, :], lo0[:, None], len0[:, None], lo1[:, None], len1[:, None])
-            else:
-                words = bits + tl.load(bits_index + tile).to(tl.int64) * (MB_M * (MB_N // 32))
-                allowed = tile_bits(words, sub_rows, (j % SUB_N) * BLOCK_N, BLOCK_N, MB_N // 32)
+            allowed = tile_allowed(keys, sub_rows, (j % SUB_N) * BLOCK_N, n_k, lo0, len0, lo1, len1, bits,
+                                   bits_index + tile, MODE, False, MB_M, MB_N, BLOCK_N)
             qk = tl.where(allowed, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         if MODE != FULL:  # a row may have seen no allowed key yet: shift by 0 instead of -inf

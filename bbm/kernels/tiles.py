@@ -38,6 +38,31 @@ def tile_bits(words, rows, col0, COLS: tl.constexpr, WORDS: tl.constexpr):
 
 
 @triton.jit
+def tile_allowed(keys, rows, col0, n_k, lo0, len0, lo1, len1, bits, entry, MODE: tl.constexpr,
+                 KEYS_FIRST: tl.constexpr, MB_M: tl.constexpr, MB_N: tl.constexpr, COLS: tl.constexpr):
+    """Bool block of the allowed pairs of a visited non-full tile, (queries, keys), or (keys, queries)
+    when KEYS_FIRST. ``keys``: the block's key indices; ``rows``: its query rows inside the metadata tile,
+    whose intervals are lo0, len0, lo1, len1 (RANGES); ``col0``: its first key column inside the tile;
+    ``entry``: where the tile's index into ``bits`` is stored (BITS)."""
+    if MODE == EDGE:
+        if KEYS_FIRST:
+            ok = keys[:, None] < n_k
+        else:
+            ok = keys[None, :] < n_k
+    elif MODE == RANGES:
+        if KEYS_FIRST:
+            ok = in_ranges(keys[:, None], lo0[None, :], len0[None, :], lo1[None, :], len1[None, :])
+        else:
+            ok = in_ranges(keys[None, :], lo0[:, None], len0[:, None], lo1[:, None], len1[:, None])
+    else:
+        words = bits + tl.load(entry).to(tl.int64) * (MB_M * (MB_N // 32))
+        ok = tile_bits(words, rows, col0, COLS, MB_N // 32)
+        if KEYS_FIRST:
+            ok = tl.trans(ok)
+    return ok
+
+
+@triton.jit
 def load_rows(ptr, rows, offs_d, stride_n, n, D, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
     """(len(rows), HEAD_DIM) tile of rows ``rows`` of a (N, D) matrix with row stride ``stride_n``;
     rows past ``n`` and columns past ``D`` read as 0. UPCAST: fp32 copies (the interpreter's dot is only
