@@ -241,9 +241,7 @@ class Mask:
             inv = torch.argsort(self.perm)
             return self.dense[..., inv, :][..., inv]
         k = torch.arange(self.n_k, device=self.device, dtype=torch.int32)
-        r = self.ranges.unsqueeze(-1)
-        allowed = ((k >= r[:, 0]) & (k < r[:, 1])) | ((k >= r[:, 2]) & (k < r[:, 3]))
-        return allowed.unsqueeze(1)
+        return _in_ranges(self.ranges, k).unsqueeze(1)
 
     def allowed_pairs(self) -> int:
         """Exact number of allowed (query, key) pairs, summed over the mask's batch and heads."""
@@ -287,8 +285,7 @@ class Mask:
         if meta.ranges is not None:
             r = meta.ranges[b, :, m * meta.block_m:(m + 1) * meta.block_m]
             k = torch.arange(n * meta.block_n, (n + 1) * meta.block_n, device=r.device, dtype=torch.int32)
-            rr = r.unsqueeze(-1)
-            tile = ((k >= rr[0]) & (k < rr[1])) | ((k >= rr[2]) & (k < rr[3]))
+            tile = _in_ranges(r, k)
             return torch.nn.functional.pad(tile, (0, 0, 0, meta.block_m - tile.shape[0]))
         return unpack_bits(meta.tile_bits[meta.bits_index[b, h, m, n]])
 
@@ -305,3 +302,9 @@ class Mask:
     def __repr__(self):
         kind = "ranges" if self.is_structured else ("dense, RCM-reordered" if self.perm is not None else "dense")
         return f"Mask({kind}, shape={self.shape}, device={self.device})"
+
+
+def _in_ranges(ranges: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """bool (..., rows, len(keys)): key in [lo0, hi0) or [lo1, hi1) of each row, from ranges (..., 4, rows)."""
+    lo0, hi0, lo1, hi1 = ranges.unsqueeze(-1).unbind(-3)
+    return ((keys >= lo0) & (keys < hi0)) | ((keys >= lo1) & (keys < hi1))
