@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from bbm._files import write_atomic
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -62,6 +64,4 @@ def environment(device) -> dict:
 def write_json(path, payload):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(payload, indent=2))

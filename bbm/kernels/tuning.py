@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 import triton
 
+from bbm._files import write_atomic
+
 
 @dataclass(frozen=True)
 class Config:
@@ -89,9 +91,7 @@ def _save_disk(key: str, cfg: Config):
         data = _load_disk()
         data[key] = cfg.__dict__
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        tmp.replace(path)
+        write_atomic(path, json.dumps(data, indent=1, sort_keys=True))
     except OSError:
         pass  # a read-only home only costs re-tuning
 

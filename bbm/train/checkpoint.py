@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from bbm._checks import fail
+from bbm._files import fsync_path, write_atomic
 
 TAG = re.compile(r"^step_(\d{8})$")
 LATEST = "latest"
@@ -29,15 +30,6 @@ LATEST = "latest"
 
 def tag_of(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def write_atomic(path: Path, data: bytes):
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:
@@ -117,7 +109,7 @@ class Checkpointer:
         _fsync_tree(self.root / tmp_tag)
         os.rename(self.root / tmp_tag, final)
         write_atomic(self.root / LATEST, tag.encode())
-        _fsync_dir(self.root)
+        fsync_path(self.root)
         for old in complete_tags(self.root)[:-self.keep_last]:
             os.rename(self.root / old, self.root / f"trash.{old}")  # never a half-deleted complete name
         self._sweep()
@@ -145,20 +137,8 @@ class Checkpointer:
         return client_state, rank_state
 
 
-def _fsync_dir(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(path: Path):
     for sub, _, files in os.walk(path):
         for name in files:
-            fd = os.open(os.path.join(sub, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(sub))
+            fsync_path(Path(sub, name))
+        fsync_path(Path(sub))

@@ -6,6 +6,8 @@ import secrets
 from pathlib import Path
 from typing import Optional
 
+from bbm._files import write_atomic
+
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_id"
 
@@ -39,9 +41,7 @@ class MetricsSink:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / METRICS_FILE
         kept = [r for r in read_metrics(self.run_dir) if r.get("step", 0) <= start_step]
-        tmp = self.path.with_name(f".{METRICS_FILE}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.file = open(self.path, "a")
         self.wandb = None
         self.wandb_dir: Optional[Path] = None

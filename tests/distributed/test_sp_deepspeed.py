@@ -9,7 +9,6 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from bbm.distributed import ParallelGroups, UlyssesAttention, sequence_parallel_loss, shard_batch
 from bbm.model import Decoder, ModelConfig, attend, build_mask

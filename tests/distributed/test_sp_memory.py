@@ -1,7 +1,6 @@
 """The memory calculator: exact parameter counts, head-aware dp x sp layouts, the longest context as the
 solution of the budget equation, calibration, and the CLI on a real config."""
 import pytest
-import torch
 
 from bbm.distributed.memory import (GIB, ROUND, Dims, Setup, activation_bytes_per_token, calibrate, layout,
                                     main, max_context, model_state_bytes)

@@ -4,7 +4,6 @@ the whole sequence, each rank's loss is normalised by the whole sequence's real 
 summed over the sequence-parallel group (what DeepSpeed does with ParallelGroups)."""
 import copy
 
-import pytest
 import torch
 import torch.distributed as dist
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bbm.train.env import free_port
-from train_helpers import REPO, python, run_child
+from train_helpers import python, run_child
 
 # 2 layers, dim 64, N=128; one sequence per rank per micro-step; global batch 2 sequences
 COMMON = ["--config", "configs/tiny_cpu.yaml", "run.seq_len=128", "run.micro_batch_size=1", "run.max_steps=4",

@@ -1,0 +1,25 @@
+"""Files that are either whole or absent: written under a temporary name, flushed to disk, then renamed."""
+import os
+from pathlib import Path
+from typing import Union
+
+
+def fsync_path(path: Path):
+    """Flush a file's or a directory's entries to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path, data: Union[bytes, str]):
+    """Replace ``path`` with ``data`` (str is written as UTF-8): a reader sees the old or the new file, never
+    a part of it. The temporary name is hidden and per process, so concurrent writers do not collide."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
