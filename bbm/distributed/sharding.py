@@ -15,10 +15,10 @@ import torch
 import torch.distributed as dist
 
 from bbm._checks import check_positive_int, check_tensor, fail
+from bbm.model import IGNORE_INDEX
 
 SHARDED_KEYS = ("tokens", "labels", "position_ids")
 WHOLE_KEYS = ("doc_ids",)
-IGNORE_INDEX = -100
 
 
 def shard_batch(batch: dict, sp_rank: int, sp_size: int) -> dict:
