@@ -3,6 +3,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import time
 from datetime import date
 from pathlib import Path
@@ -65,3 +66,16 @@ def write_json(path, payload):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(payload, indent=2))
+
+
+def training_overrides(steps: int, run_dir) -> list:
+    """Config overrides of a timed training run: ``steps`` optimizer steps, a metrics record every step; no
+    progress bar, W&B or checkpoints."""
+    return [f"run.max_steps={steps}", "metrics.log_every=1", "metrics.progress_bar=false", "wandb.mode=disabled",
+            "checkpoint.every=0", "checkpoint.at_end=false", "checkpoint.resume=none", f"run.dir={run_dir}"]
+
+
+def median_after(records, warmup: int, key: str):
+    """Median of a metric over the records of the steps after ``warmup`` (None where the run has none)."""
+    values = [r[key] for r in records if r["step"] > warmup]
+    return statistics.median(values) if values and values[0] is not None else None

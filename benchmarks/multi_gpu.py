@@ -11,12 +11,15 @@ the same order, so their loss curves should agree (exactly up to bf16 reduction 
 loss difference from the one-GPU run; writes benchmarks/results/multi_gpu.json.
 """
 import argparse
-import json
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import torch
+
+from bbm.train.sink import read_metrics
+from common import RESULTS, environment, median_after, training_overrides, write_json  # benchmarks/common.py
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,29 +27,26 @@ REPO = Path(__file__).resolve().parents[1]
 def launch(name, gpus, overrides, args, workdir, port):
     """One `deepspeed --num_gpus gpus train.py` run -> its metrics.jsonl records (None if it failed)."""
     run_dir = Path(workdir) / name
-    common = [f"run.max_steps={args.warmup + args.steps}", "metrics.log_every=1", "metrics.gain_every=0",
-              "metrics.progress_bar=false", "wandb.mode=disabled", "checkpoint.every=0", "checkpoint.at_end=false",
-              "checkpoint.resume=none", f"run.dir={run_dir}"]
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(gpus), "--master_port", str(port),
-           "train.py", "--config", args.config, *common, *overrides, *args.overrides]
+           "train.py", "--config", args.config, *training_overrides(args.warmup + args.steps, run_dir),
+           "metrics.gain_every=0", *overrides, *args.overrides]
     print(f"== {name}: {gpus} GPU(s) {' '.join(overrides)}", flush=True)
     try:
         proc = subprocess.run(cmd, cwd=REPO, timeout=args.timeout, capture_output=True, text=True)
     except subprocess.TimeoutExpired:
         print(f"   timed out after {args.timeout} s", flush=True)
         return None
-    metrics = run_dir / "metrics.jsonl"
-    if proc.returncode != 0 or not metrics.is_file():
+    records = read_metrics(run_dir)
+    if proc.returncode != 0 or not records:
         print("\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:]), flush=True)
         return None
-    return [json.loads(line) for line in metrics.read_text().splitlines()]
+    return records
 
 
 def summary(records, gpus, args, baseline):
-    timed = [r for r in records if r["step"] > args.warmup]
-    tokens = statistics.median(r["tokens_per_s"] for r in timed)
+    tokens = median_after(records, args.warmup, "tokens_per_s")
     row = {"gpus": gpus, "tokens_per_s": tokens, "tokens_per_s_per_gpu": tokens / gpus,
-           "mfu": statistics.median(r["mfu"] for r in timed) if timed[0]["mfu"] is not None else None,
+           "mfu": median_after(records, args.warmup, "mfu"),
            "peak_mem_gib": max(r["peak_mem_gib"] for r in records), "loss": [r["loss"] for r in records]}
     if baseline is not None:
         row["scaling_efficiency"] = row["tokens_per_s_per_gpu"] / baseline["tokens_per_s"]
@@ -66,9 +66,6 @@ def main():
     ap.add_argument("--out", help="JSON path (default benchmarks/results/multi_gpu.json)")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
     args = ap.parse_args()
-    import torch
-    from common import RESULTS, environment, write_json  # benchmarks/common.py
-
     gpus = args.gpus or torch.cuda.device_count()
     if gpus < 2:
         raise SystemExit(f"--gpus: expected at least 2 GPUs for the multi-GPU runs, got {gpus}")

@@ -25,17 +25,17 @@ MEDIAN_KEYS = ("tokens_per_s", "step_time_s", "tflops", "mfu", "tflops_dense_con
 def child(args):
     """Trains one backend and writes its summary to args.out."""
     from bbm.train import Trainer, load_config
+    from bbm.train.sink import read_metrics
+    from common import median_after, training_overrides  # benchmarks/common.py
 
     total = args.warmup + args.steps
-    overrides = [f"model.attention={args.child}", f"run.max_steps={total}", "metrics.log_every=1",
-                 f"metrics.gain_every={total}", "metrics.progress_bar=false", "wandb.mode=disabled",
-                 "checkpoint.every=0", "checkpoint.at_end=false", "checkpoint.resume=none",
-                 "deepspeed.gradient_accumulation_steps=1", f"run.dir={Path(args.workdir) / args.child}", *args.overrides]
+    overrides = [f"model.attention={args.child}", *training_overrides(total, Path(args.workdir) / args.child),
+                 f"metrics.gain_every={total}", "deepspeed.gradient_accumulation_steps=1", *args.overrides]
     trainer = Trainer(load_config(args.config, overrides))
     trainer.train()
-    records = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(trainer.run_dir)
     timed = [r for r in records if r["step"] > args.warmup]
-    row = {k: statistics.median(r[k] for r in timed) if timed[0][k] is not None else None for k in MEDIAN_KEYS}
+    row = {k: median_after(records, args.warmup, k) for k in MEDIAN_KEYS}
     row.update({k: records[-1].get(k) for k in ("attention_ms", "dense_causal_ms", "gain_vs_dense")})
     row.update(attention_density=statistics.mean(r["attention_density"] for r in timed),
                peak_mem_gib=records[-1]["peak_mem_gib"], loss_first=records[0]["loss"], loss_last=records[-1]["loss"],
