@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bbm._checks import check_tensor, fail
+from bbm import split
 from bbm.masks import Mask
 from bbm.reference import reference_attention
 
-BACKENDS = ("auto", "sdpa", "triton", "reference")
+BACKENDS = ("auto", "sdpa", "split", "triton", "reference")
 
 
 def _validate(q, k, v, mask, scale, backend):
@@ -50,6 +51,12 @@ def _validate(q, k, v, mask, scale, backend):
         fail("scale", "a positive float or None", repr(scale))
     if backend not in BACKENDS:
         fail("backend", f"one of {BACKENDS}", repr(backend))
+    if backend == "split":
+        if not q.is_cuda:
+            fail("q", "a CUDA tensor for backend='split' (cuDNN attention)", q.device)
+        if split.plan_for(q, mask) is None:
+            fail("mask", "for backend='split', a Mask.from_documents mask (no window or prefix) with a document "
+                 f"of at least {split.min_block(q, mask) if mask is not None else split.MIN_BLOCK} tokens", repr(mask))
 
 
 # SDPA backends, fastest first on Hopper (cuDNN); each passes inputs it rejects to the next one
@@ -77,14 +84,26 @@ def choose_backend(q, mask: Optional[Mask]) -> str:
     return "triton"
 
 
+def prepare(q, mask: Optional[Mask], backend: str = "auto") -> str:
+    """Build and cache on ``mask`` what ``attention(q, ..., mask, backend=backend)`` will need (tile lists, the
+    document split), e.g. once per micro-batch before the layers; -> the backend that runs."""
+    backend = choose_backend(q, mask) if backend == "auto" else backend
+    tiled = {"triton": mask, "split": split.plan_for(q, mask).residual if backend == "split" else None}.get(backend)
+    if tiled is not None:
+        from bbm.kernels.tuning import META_TILE  # imported lazily: CPU users never load Triton
+        tiled.block_meta(*META_TILE)
+    return backend
+
+
 def attention(q, k, v, mask: Optional[Mask] = None, *, scale: Optional[float] = None,
               backend: str = "auto") -> torch.Tensor:
     """Softmax attention restricted to the pairs ``mask`` allows.
 
     q ``(B, Hq, Nq, D)``, k and v ``(B, Hkv, Nk, D)`` with ``Hq % Hkv == 0`` (GQA/MQA). ``mask=None`` is
     full attention. ``scale`` defaults to ``1/sqrt(D)``. A query with no allowed key outputs zeros and
-    gets zero gradient. ``backend`` forces a path ("sdpa", "triton", "reference"); "auto" picks the
-    fastest exact one. Differentiable in q, k and v."""
+    gets zero gradient. ``backend`` forces a path ("sdpa", "triton", "reference"); "auto" picks the fastest
+    exact one. ``backend="split"`` (opt-in, CUDA) runs the long documents of a causal document mask as
+    cuDNN attention and the rest on the Triton kernels (see ``bbm.split``). Differentiable in q, k and v."""
     _validate(q, k, v, mask, scale, backend)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend == "auto":
@@ -100,6 +119,8 @@ def attention(q, k, v, mask: Optional[Mask] = None, *, scale: Optional[float] = 
         else:
             dense = mask.dense if mask.dense is not None else mask.to_dense()
             out = _masked_sdpa(q, k, v, dense, scale)
+    elif backend == "split":
+        out = split.split_attention(q, k, v, split.plan_for(q, mask), scale)
     else:
         if mask is None:
             mask = Mask.from_ranges(*_full_bounds(q.shape[0], q.shape[2], k.shape[2], q.device), n_k=k.shape[2])

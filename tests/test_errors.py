@@ -26,6 +26,8 @@ def qkv(b=1, hq=4, hkv=2, n_q=16, n_k=16, d=8, dtype=torch.float32):
     (lambda: bbm.attention(*qkv(), torch.ones(16, 16, dtype=torch.bool)), TypeError, ["mask", "bbm.Mask", "Tensor"]),
     (lambda: bbm.attention(*qkv(), scale=-1.0), ValueError, ["scale", "positive", "-1.0"]),
     (lambda: bbm.attention(*qkv(), backend="cuda"), ValueError, ["backend", "'cuda'"]),
+    (lambda: bbm.attention(*qkv(), bbm.Mask.from_documents(torch.zeros(1, 16, dtype=torch.long)), backend="split"),
+     ValueError, ["q", "CUDA", "cpu"]),
     (lambda: bbm.Mask.from_dense(torch.ones(1, 1, 4, 4)), TypeError, ["allowed", "torch.bool", "torch.float32"]),
     (lambda: bbm.Mask.from_dense(torch.ones(4, 4, dtype=torch.bool)), ValueError, ["allowed", "4-d", "(4, 4)"]),
     (lambda: bbm.Mask.from_dense(torch.ones(1, 1, 4, 5, dtype=torch.bool), reorder="rcm"),

@@ -11,15 +11,18 @@ LOG2E = 1.4426950408889634
 
 
 class Lists:
-    """The tile metadata tensors a launch needs (see bbm.masks.blocks for their layout)."""
+    """The tile metadata tensors a launch needs (see bbm.masks.blocks for their layout). ``busy``: how many
+    query and key tiles (first in ``q_order`` / ``k_order``) have any work, when known on the host: the
+    launches then skip the others and leave their rows unwritten (bbm.split fills them)."""
 
     def __init__(self, q_count_full, q_count, q_idx, q_order, k_count_full, k_count, k_idx, k_order,
-                 ranges, tile_bits, bits_index):
+                 ranges, tile_bits, bits_index, busy=None):
         self.q_count_full, self.q_count, self.q_idx, self.q_order = q_count_full, q_count, q_idx, q_order
         self.k_count_full, self.k_count, self.k_idx, self.k_order = k_count_full, k_count, k_idx, k_order
         self.ranges, self.tile_bits, self.bits_index = ranges, tile_bits, bits_index
         self.kind = (RANGES if ranges is not None else BITS).value
         self.batch, self.heads, self.num_m, self.num_n = q_idx.shape
+        self.q_items, self.k_items = busy or (self.batch * self.heads * self.num_m, self.batch * self.num_n)
         dummy = q_count  # a valid pointer for the representation the kernels will not read
         self.ranges_arg = ranges if ranges is not None else dummy
         self.bits_arg = tile_bits if tile_bits is not None and tile_bits.numel() else dummy
@@ -43,7 +46,7 @@ def forward(q, k, v, lists: Lists, scale: float, cfg):
     b, hq, n_q, d = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(b, hq, n_q, dtype=torch.float32, device=q.device)
-    n_items = lists.batch * lists.heads * lists.num_m
+    n_items = lists.q_items
     replicas = (b // lists.batch) * (hq // lists.heads)
     grid = (replicas * n_items * (cfg.mb_m // cfg.block_m),)
     fwd_kernel[grid](
@@ -66,8 +69,7 @@ def backward(do, q, k, v, out, lse, lists: Lists, scale: float, cfg):
     delta_kernel[(triton.cdiv(n_q, 64), b * hq)](out, do, delta, *out.stride()[:3], *do.stride()[:3], hq, n_q, d,
                                                  BLOCK=64, HEAD_DIM=d_pad)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    n_q_items = lists.batch * lists.heads * lists.num_m
-    n_k_items = lists.batch * lists.num_n
+    n_q_items, n_k_items = lists.q_items, lists.k_items
     n_dkdv = (b // lists.batch) * hkv * n_k_items * (cfg.mb_n // cfg.big)
     n_dq = (b // lists.batch) * (hq // lists.heads) * n_q_items * (cfg.mb_m // cfg.big)
     bwd_kernel[(n_dkdv + n_dq,)](

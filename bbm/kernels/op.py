@@ -19,14 +19,17 @@ def _config(given: List[int], direction: str, q, lists, run) -> Config:
     return pick(direction, q.device, q.shape[-1], q.dtype, family, q.shape[0] * q.shape[1] * q.shape[2], run)
 
 
-def _forward(q, k, v, tensors, scale, given):
-    lists = launch.Lists(*tensors)
+def forward_pass(q, k, v, tensors, scale, given, busy=None):
+    """-> out, lse (base 2) of the forward kernel; tensors and given as from ``kernel_inputs``; busy as in
+    ``launch.Lists``."""
+    lists = launch.Lists(*tensors, busy=busy)
     cfg = _config(given, "fwd", q, lists, lambda c: launch.forward(q, k, v, lists, scale, c))
     return launch.forward(q, k, v, lists, scale, cfg)
 
 
-def _backward_kernels(do, q, k, v, out, lse, tensors, scale, given):
-    lists = launch.Lists(*tensors)
+def backward_pass(do, q, k, v, out, lse, tensors, scale, given, busy=None):
+    """-> dq, dk, dv of the backward kernels."""
+    lists = launch.Lists(*tensors, busy=busy)
     do = _dense_rows(do)
     cfg = _config(given, "bwd", q, lists, lambda c: launch.backward(do, q, k, v, out, lse, lists, scale, c))
     return launch.backward(do, q, k, v, out, lse, lists, scale, cfg)
@@ -38,7 +41,7 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_count_full: t
               k_count: torch.Tensor, k_idx: torch.Tensor, k_order: torch.Tensor, ranges: Optional[torch.Tensor],
               tile_bits: Optional[torch.Tensor], bits_index: Optional[torch.Tensor], scale: float,
               config: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, [q_count_full, q_count, q_idx, q_order, k_count_full, k_count, k_idx, k_order,
+    return forward_pass(q, k, v, [q_count_full, q_count, q_idx, q_order, k_count_full, k_count, k_idx, k_order,
                               ranges, tile_bits, bits_index], scale, config)
 
 
@@ -54,7 +57,7 @@ def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
               k_order: torch.Tensor, ranges: Optional[torch.Tensor], tile_bits: Optional[torch.Tensor],
               bits_index: Optional[torch.Tensor], scale: float,
               config: List[int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward_kernels(do, q, k, v, out, lse, [q_count_full, q_count, q_idx, q_order, k_count_full, k_count,
+    return backward_pass(do, q, k, v, out, lse, [q_count_full, q_count, q_idx, q_order, k_count_full, k_count,
                                                      k_idx, k_order, ranges, tile_bits, bits_index], scale, config)
 
 
@@ -86,7 +89,7 @@ class _EagerFlash(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, tensors, scale, given):
-        out, lse = _forward(q, k, v, tensors, scale, given)
+        out, lse = forward_pass(q, k, v, tensors, scale, given)
         ctx.save_for_backward(q, k, v, out, lse, *tensors)
         ctx.scale, ctx.given = scale, given
         return out
@@ -94,7 +97,7 @@ class _EagerFlash(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, out, lse, *tensors = ctx.saved_tensors
-        return _backward_kernels(d_out, q, k, v, out, lse, tensors, ctx.scale, ctx.given) + (None, None, None)
+        return backward_pass(d_out, q, k, v, out, lse, tensors, ctx.scale, ctx.given) + (None, None, None)
 
 
 def _dense_rows(t: torch.Tensor) -> torch.Tensor:
@@ -105,9 +108,9 @@ def _dense_rows(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def flash_attention(q, k, v, mask, scale: float, config: Optional[Config] = None) -> torch.Tensor:
-    """Block-sparse attention of validated q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D) under ``mask`` (in the
-    tensors' token order). ``config`` forces tile sizes (tests); by default they are tuned."""
+def kernel_inputs(q, k, v, mask, config: Optional[Config] = None):
+    """-> (q, k, v with strides the kernels take, the tile metadata of ``mask`` and its tensors, the forced
+    config as a list). ``config`` forces tile sizes (tests); by default they are tuned."""
     if config is None:
         mb = (INTERPRETER.mb_m, INTERPRETER.mb_n) if interpreting() or not q.is_cuda else META_TILE
     else:
@@ -115,7 +118,13 @@ def flash_attention(q, k, v, mask, scale: float, config: Optional[Config] = None
     meta = mask.block_meta(*mb)
     q, k, v = (_dense_rows(t) for t in (q, k, v))
     tensors = [getattr(meta, name) for name in _LIST_NAMES]
-    given = [] if config is None else list(config.__dict__.values())
+    return q, k, v, meta, tensors, ([] if config is None else list(config.__dict__.values()))
+
+
+def flash_attention(q, k, v, mask, scale: float, config: Optional[Config] = None) -> torch.Tensor:
+    """Block-sparse attention of validated q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D) under ``mask`` (in the
+    tensors' token order). ``config`` forces tile sizes (tests); by default they are tuned."""
+    q, k, v, _, tensors, given = kernel_inputs(q, k, v, mask, config)
     if torch.compiler.is_compiling():
         return flash_fwd(q, k, v, *tensors, float(scale), given)[0]
     return _EagerFlash.apply(q, k, v, tensors, float(scale), given)

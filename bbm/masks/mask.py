@@ -24,12 +24,16 @@ class Mask:
     """A boolean attention mask of logical shape ``(Bm, Hm, Nq, Nk)``; ``Bm`` and ``Hm`` may be 1
     (shared by every sample / head). Build it with one of the constructors, not ``Mask(...)``."""
 
-    def __init__(self, *, n_q: int, n_k: int, ranges=None, dense=None, perm=None, exactly_causal=False):
+    def __init__(self, *, n_q: int, n_k: int, ranges=None, dense=None, perm=None, exactly_causal=False,
+                 documents=None, documents_causal=True):
         self.n_q, self.n_k = n_q, n_k
         self.ranges = ranges  # int32 (Bm, 4, Nq) or None
         self.dense = dense  # bool (Bm, Hm, Nq, Nk), already reordered when perm is set, or None
         self.perm = perm  # int64 (N,): row/column i of `dense` is token perm[i]; None if not reordered
         self.exactly_causal = exactly_causal  # a plain causal mask, Nq == Nk, no documents or window
+        # int (Bm, N) document ids when the mask is exactly "attend within the own document" (causally if
+        # documents_causal): block diagonal, so bbm may run each document as a plain attention (bbm.split)
+        self.documents, self.documents_causal = documents, documents_causal
         self._meta = {}
 
     # ------------------------------------------------------------------ constructors
@@ -104,9 +108,11 @@ class Mask:
             if bool((runs != distinct).any()):
                 fail("doc_ids", "each document id to form one contiguous run",
                      "an id that appears in two separate runs")
+        documents = doc_ids if window is None and prefix is None else None  # each document one plain block
         if doc_ids.is_cuda and causal and prefix is None:  # the training case: one Triton launch
             from bbm.kernels.meta import document_ranges  # imported lazily: CPU users never load Triton
-            return cls(n_q=n, n_k=n, ranges=document_ranges(doc_ids, window))
+            return cls(n_q=n, n_k=n, ranges=document_ranges(doc_ids, window),
+                       documents=documents)
         pos = torch.arange(n, device=dev, dtype=torch.int32).expand(b, n)
         is_start = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=dev), change], dim=1)
         start = torch.where(is_start, pos, 0).cummax(dim=1).values
@@ -137,7 +143,9 @@ class Mask:
             plen = (csum.gather(1, end.long()) - csum.gather(1, start.long())).to(torch.int32)
             lo = torch.where(prefix, start, lo)
             hi = torch.where(prefix, start + plen, hi)
-        return cls.from_ranges(lo, hi, n_k=n)
+        mask = cls.from_ranges(lo, hi, n_k=n)
+        mask.documents, mask.documents_causal = documents, causal
+        return mask
 
     @classmethod
     def causal(cls, n_q: int, n_k: Optional[int] = None, *, window: Optional[int] = None, device=None):

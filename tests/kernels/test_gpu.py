@@ -1,10 +1,11 @@
 """The compiled kernels on a CUDA GPU (skipped elsewhere): bf16/fp16 against float64, head dims 32-256,
 determinism, the metadata kernels against the CPU build, torch.compile (inductor) without graph breaks,
-dispatch of exactly causal masks to SDPA."""
+dispatch of exactly causal masks to SDPA, long documents as cuDNN blocks (bbm.split)."""
 import pytest
 import torch
 
 import bbm
+import bbm.split
 from bbm.testing import random_doc_ids
 from kernel_checks import check_against_dense, qkv
 
@@ -69,3 +70,42 @@ def test_causal_dispatches_to_sdpa():
     a = bbm.attention(q, k, v, mask)
     b = bbm.attention(q, k, v, mask, backend="triton")
     torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d,kv_heads,shared", [(128, 4, False), (64, 2, True), (128, 1, False)])
+def test_split_documents_gpu(dtype, d, kv_heads, shared):
+    """Long documents on cuDNN next to short ones on Triton; per-sample or shared masks; GQA and MQA."""
+    doc = random_doc_ids(1 if shared else 2, 4000, 12, generator=torch.Generator().manual_seed(d + kv_heads), device=CUDA)
+    doc[:, 700:2500] = -1  # a long document
+    doc[-1, 2600:3900] = -2  # and another
+    mask = bbm.Mask.from_documents(doc)
+    s = bbm.split.plan(mask, 1000)
+    assert s.residual is not None and len(s.blocks) >= 2
+    check_against_dense(*qkv(2, 4, kv_heads, 4000, 4000, d, dtype, CUDA), mask, scale=d ** -0.5,
+                        run=lambda q, k, v: bbm.split.split_attention(q, k, v, s, d ** -0.5))
+
+
+def test_split_backend_gpu():
+    """backend="split" through bbm.attention: transposed (B, N, H, D) views, GQA, a block at the sequence's end."""
+    doc = torch.zeros(1, 5000, dtype=torch.int32, device=CUDA)
+    doc[:, 2500:] = 1
+    doc[:, 2600:2650] = 2
+    doc[:, 2650:] = 3
+    mask = bbm.Mask.from_documents(doc)
+    make = lambda h: torch.randn(1, 5000, h, 128, device=CUDA, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+    q, k, v = make(16), make(4), make(4)
+    assert bbm.split.plan_for(q, mask).blocks == ((None, 0, 2500), (None, 2650, 2350))
+    g = torch.randn_like(q)
+    want = [bbm.attention(q, k, v, mask, backend="triton")]
+    want += torch.autograd.grad(want[0], (q, k, v), g)
+    got = [bbm.attention(q, k, v, mask, backend="split")]
+    got += torch.autograd.grad(got[0], (q, k, v), g)
+    for a, b in zip(got, want):
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 2e-2
+
+
+def test_split_needs_a_document_mask_gpu():
+    q, k, v = qkv(1, 4, 4, 1000, 1000, 64, torch.bfloat16, CUDA)
+    with pytest.raises(ValueError, match="mask: .*Mask.from_documents"):
+        bbm.attention(q, k, v, bbm.Mask.causal(1000, window=100, device=CUDA), backend="split")

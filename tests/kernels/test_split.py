@@ -1,0 +1,119 @@
+"""Document masks split by document (bbm.split): the plan partitions the mask exactly, and the assembly of
+blocks and the Triton residual (interpreter) matches a float64 dense reference, outputs and gradients.
+The blocks run on a float64 engine here; cuDNN's runs in test_gpu.py."""
+import pytest
+import torch
+
+import bbm
+from bbm import split
+from bbm.testing import dense_attention, random_doc_ids
+from kernel_checks import check_against_dense, qkv
+
+
+class Float64Blocks:
+    """One document as causal attention in float64, the engine interface of ``split.CudnnBlocks``; it
+    records the block lengths it was given."""
+    lengths = []
+
+    @staticmethod
+    def _attend(q, k, v, scale):
+        n = q.shape[2]
+        return dense_attention(q, k, v, torch.ones(n, n, dtype=torch.bool).tril(), scale).to(q.dtype)
+
+    @staticmethod
+    def forward(q, k, v, scale):
+        Float64Blocks.lengths.append(q.shape[2])
+        return Float64Blocks._attend(q, k, v, scale), (torch.randn(1),)  # a state passes through
+
+    @staticmethod
+    def backward(do, q, k, v, out, state, scale):
+        assert state[0].shape == (1,)
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        with torch.enable_grad():
+            return torch.autograd.grad(Float64Blocks._attend(*leaves, scale), leaves, do)
+
+
+def block_dense(s: split.Split, rows: int, n: int) -> torch.Tensor:
+    """bool (rows, 1, n, n): the pairs the blocks cover."""
+    covered = torch.zeros(rows, 1, n, n, dtype=torch.bool)
+    for sample, start, length in s.blocks:
+        tile = torch.ones(length, length, dtype=torch.bool).tril()
+        covered[slice(None) if sample is None else sample, :, start:start + length, start:start + length] = tile
+    return covered
+
+
+def test_plan_partitions_the_mask():
+    doc = random_doc_ids(3, 200, 12, generator=torch.Generator().manual_seed(5))
+    doc[1, 100:] = 99  # one long document
+    mask = bbm.Mask.from_documents(doc)
+    s = split.plan(mask, min_block=20)
+    lengths = torch.unique_consecutive(doc[1], return_counts=True)[1]
+    assert [b[2] for b in s.blocks] == sorted([b[2] for b in s.blocks], reverse=True)
+    assert all(length >= 20 for _, _, length in s.blocks) and (1, 100, 100) in s.blocks
+    assert sum(length for sample, _, length in s.blocks if sample == 1) == int(lengths[lengths >= 20].sum())
+    covered, rest = block_dense(s, 3, 200), s.residual.to_dense()
+    assert not (covered & rest).any()
+    assert torch.equal(covered | rest, mask.to_dense())
+    everything = split.plan(mask, min_block=1)
+    assert everything.residual is None and torch.equal(block_dense(everything, 3, 200), mask.to_dense())
+    assert split.plan(mask, min_block=201) is None
+
+
+def test_plan_of_a_shared_mask_and_of_other_masks():
+    doc = torch.tensor([[0] * 30 + [1] * 5 + [2] * 25])
+    s = split.plan(bbm.Mask.from_documents(doc), min_block=20)
+    assert s.blocks == ((None, 0, 30), (None, 35, 25))
+    assert s.busy_tiles(16) == 2 and s.busy_tiles(64) == 1  # tiles 16-31 and 32-47 hold tokens 30-34
+    for mask in (bbm.Mask.from_documents(doc, window=8), bbm.Mask.from_documents(doc, causal=False),
+                 bbm.Mask.prefix_lm(60, 10), bbm.Mask.causal(60),
+                 bbm.Mask.from_dense(torch.ones(1, 1, 60, 60, dtype=torch.bool))):
+        assert split.plan(mask, min_block=1) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_split_per_sample_gqa(dtype):
+    """B=2, different documents per sample, GQA 4:2, N=75; some documents blocks, the rest Triton."""
+    doc = random_doc_ids(2, 75, 6, generator=torch.Generator().manual_seed(2))
+    doc[0, 40:] = 50
+    mask = bbm.Mask.from_documents(doc)
+    s = split.plan(mask, min_block=12)
+    assert s.residual is not None and len(s.blocks) >= 2
+    check_against_dense(*qkv(2, 4, 2, 75, 75, 32, dtype), mask,
+                        run=lambda q, k, v: split.split_attention(q, k, v, s, 0.3, Float64Blocks))
+
+
+def test_split_shared_mask_one_token_docs():
+    """A mask of batch 1 over B=2, one-token documents in the residual, head dim 40."""
+    doc = torch.tensor([[0, 1, 2] + [3] * 33 + list(range(4, 14)) + [14] * 20])
+    mask = bbm.Mask.from_documents(doc)
+    s = split.plan(mask, min_block=16)
+    assert s.busy_tiles(32) == 2  # the residual launches skip the last tile (interpreter tiles: 32)
+    check_against_dense(*qkv(2, 2, 1, doc.shape[1], doc.shape[1], 40, torch.float32), mask,
+                        run=lambda q, k, v: split.split_attention(q, k, v, s, 0.3, Float64Blocks))
+
+
+def test_split_without_residual():
+    doc = torch.tensor([[0] * 17 + [1] * 30 + [2] * 3])
+    mask = bbm.Mask.from_documents(doc)
+    s = split.plan(mask, min_block=1)
+    assert s.residual is None
+    check_against_dense(*qkv(1, 2, 2, 50, 50, 16, torch.float32), mask,
+                        run=lambda q, k, v: split.split_attention(q, k, v, s, 0.3, Float64Blocks))
+
+
+def test_buckets():
+    assert [split.bucket(n) for n in (1, 64, 65, 1000, 1024, 1025, 2049, 5000)] == [64, 64, 128, 1024, 1024, 1088, 2176, 5120]
+    for n in range(1, 20000, 7):
+        assert n <= split.bucket(n) <= (n * 1.0625 if n >= 1024 else n + 63) and split.bucket(n) % 64 == 0
+
+
+def test_split_runs_blocks_at_bucket_lengths():
+    """Blocks extended into the next documents (in the sequence) and zero-padded (at its end)."""
+    doc = torch.tensor([[0] * 25 + [1] * 3 + [2] * 40 + [3] * 2 + [4] * 80])
+    mask = bbm.Mask.from_documents(doc)
+    s = split.plan(mask, min_block=20)
+    assert s.blocks == ((None, 70, 80), (None, 28, 40), (None, 0, 25))
+    Float64Blocks.lengths = []
+    check_against_dense(*qkv(1, 2, 1, 150, 150, 16, torch.float32), mask,
+                        run=lambda q, k, v: split.split_attention(q, k, v, s, 0.3, Float64Blocks))
+    assert Float64Blocks.lengths == [128, 64, 64]
