@@ -88,7 +88,9 @@ def prepare(q, mask: Optional[Mask], backend: str = "auto") -> str:
     """Build and cache on ``mask`` what ``attention(q, ..., mask, backend=backend)`` will need (tile lists, the
     document split), e.g. once per micro-batch before the layers; -> the backend that runs."""
     backend = choose_backend(q, mask) if backend == "auto" else backend
-    tiled = {"triton": mask, "split": split.plan_for(q, mask).residual if backend == "split" else None}.get(backend)
+    tiled = mask if backend == "triton" else None
+    if backend == "split":
+        tiled = split.plan_for(q, mask).residual
     if tiled is not None:
         from bbm.kernels.tuning import META_TILE  # imported lazily: CPU users never load Triton
         tiled.block_meta(*META_TILE)

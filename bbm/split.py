@@ -12,13 +12,15 @@ cuDNN builds a graph per shape (a few hundred ms), so a block runs at its length
 sizes per octave (``bucket``): the extra rows are the next tokens (or zeros at the sequence's end). Being
 causal, the document's rows never see them, and their output is dropped and their gradient zeroed.
 """
+import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 import torch
 
 from bbm.masks import Mask
+from bbm.masks.mask import document_starts
 
 # A document is worth its own cuDNN call when its work is at least that of MIN_BLOCK tokens at 16 heads of
 # 128 dims: below that the calls' host cost outweighs what cuDNN saves over the Triton kernels (on an H100,
@@ -34,14 +36,17 @@ class Split:
     blocks: Tuple[Tuple[Optional[int], int, int], ...]  # (mask sample or None for all, start, length), longest first
     residual: Optional[Mask]  # the other documents; None when every token is in a block
     covered: torch.Tensor  # bool (Bm, N) on the host: the tokens in blocks
+    _busy: dict = field(default_factory=dict, compare=False)  # busy_tiles by tile size
 
     def busy_tiles(self, tile: int) -> int:
         """Tiles of ``tile`` tokens (over the mask samples) holding a residual token: the only ones the
         residual's launches visit (each residual token attends to itself, so these have work; the rest
-        have none)."""
-        rows, n = self.covered.shape
-        whole = torch.nn.functional.pad(self.covered, (0, -n % tile), value=True).view(rows, -1, tile).all(-1)
-        return int((~whole).sum())
+        have none). Counted once per tile size."""
+        if tile not in self._busy:
+            rows, n = self.covered.shape
+            whole = torch.nn.functional.pad(self.covered, (0, -n % tile), value=True).view(rows, -1, tile).all(-1)
+            self._busy[tile] = int((~whole).sum())
+        return self._busy[tile]
 
 
 def plan(mask: Mask, min_block: int) -> Optional[Split]:
@@ -54,9 +59,7 @@ def plan(mask: Mask, min_block: int) -> Optional[Split]:
     if key not in mask._meta:
         doc = mask.documents
         rows, n = doc.shape
-        start = torch.ones_like(doc, dtype=torch.bool)
-        start[:, 1:] = doc[:, 1:] != doc[:, :-1]
-        first = start.flatten().nonzero().squeeze(1)  # flat index of each document's first token
+        first = document_starts(doc).flatten().nonzero().squeeze(1)  # flat index of each document's first token
         length = torch.diff(first, append=first.new_tensor([rows * n]))  # runs never cross rows: each row starts one
         in_block = torch.repeat_interleave(length >= min_block, length, output_size=rows * n).view(rows, 1, n)
         first, length = torch.stack([first, length]).cpu()  # the block list goes to the host
@@ -141,7 +144,7 @@ class _Streams:
 
     def on(self, i):
         if self.main is None:
-            return _Inline()
+            return contextlib.nullcontext()
         stream = self.side[i % len(self.side)]
         stream.wait_event(self.ready)
         return torch.cuda.stream(stream)
@@ -153,14 +156,6 @@ class _Streams:
                 self.main.wait_stream(s)
             for t in tensors:
                 t.record_stream(self.main)
-
-
-class _Inline:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _rows(t, sample, start, length):

@@ -3,6 +3,8 @@ import math
 
 import torch
 
+from bbm.masks.mask import document_starts
+
 
 def dense_attention(q, k, v, allowed, scale=None):
     """softmax(q k^T * scale, restricted to `allowed`) v in float64; rows with no allowed key give 0.
@@ -41,9 +43,7 @@ def document_positions(doc_ids):
     """Position ids restarting at 0 in every document (a run of equal ids), same shape as ``doc_ids``."""
     b, n = doc_ids.shape
     pos = torch.arange(n, device=doc_ids.device).expand(b, n)
-    start = torch.ones(b, n, dtype=torch.bool, device=doc_ids.device)
-    start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    return pos - torch.where(start, pos, 0).cummax(dim=1).values
+    return pos - torch.where(document_starts(doc_ids), pos, 0).cummax(dim=1).values
 
 
 def grads_against_reference(q, k, v, out, ref):

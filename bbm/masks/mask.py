@@ -101,9 +101,9 @@ class Mask:
         if n == 0 or b == 0:
             fail("doc_ids", "a non-empty (B, N) tensor", f"shape {tuple(doc_ids.shape)}")
         dev = doc_ids.device
-        change = doc_ids[:, 1:] != doc_ids[:, :-1]
+        is_start = document_starts(doc_ids)
         if check:
-            runs = 1 + change.sum(1)
+            runs = is_start.sum(1)
             distinct = 1 + (doc_ids.sort(dim=1).values.diff(dim=1) != 0).sum(1)
             if bool((runs != distinct).any()):
                 fail("doc_ids", "each document id to form one contiguous run",
@@ -114,10 +114,9 @@ class Mask:
             return cls(n_q=n, n_k=n, ranges=document_ranges(doc_ids, window),
                        documents=documents)
         pos = torch.arange(n, device=dev, dtype=torch.int32).expand(b, n)
-        is_start = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=dev), change], dim=1)
         start = torch.where(is_start, pos, 0).cummax(dim=1).values
         if not causal or prefix is not None:  # document ends: only non-causal and prefix-LM rows need them
-            is_end = torch.cat([change, torch.ones(b, 1, dtype=torch.bool, device=dev)], dim=1)
+            is_end = torch.cat([is_start[:, 1:], torch.ones(b, 1, dtype=torch.bool, device=dev)], dim=1)
             end = torch.where(is_end, pos + 1, n).flip(1).cummin(dim=1).values.flip(1)
         if causal:
             lo, hi = start, pos + 1
@@ -310,6 +309,13 @@ class Mask:
     def __repr__(self):
         kind = "ranges" if self.is_structured else ("dense, RCM-reordered" if self.perm is not None else "dense")
         return f"Mask({kind}, shape={self.shape}, device={self.device})"
+
+
+def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
+    """bool (B, N): True at each document's first token (a run of equal ids is one document)."""
+    start = torch.ones_like(doc_ids, dtype=torch.bool)
+    start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return start
 
 
 def _in_ranges(ranges: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
