@@ -54,9 +54,8 @@ def _validate(q, k, v, mask, scale, backend):
     if backend == "split":
         if not q.is_cuda:
             fail("q", "a CUDA tensor for backend='split' (cuDNN attention)", q.device)
-        if split.plan_for(q, mask) is None:
-            fail("mask", "for backend='split', a Mask.from_documents mask (no window or prefix) with a document "
-                 f"of at least {split.min_block(q, mask) if mask is not None else split.MIN_BLOCK} tokens", repr(mask))
+        if mask is None or mask.documents is None or not mask.documents_causal:
+            fail("mask", "for backend='split', a causal Mask.from_documents mask (no window or prefix)", repr(mask))
 
 
 # SDPA backends, fastest first on Hopper (cuDNN); each passes inputs it rejects to the next one
@@ -90,7 +89,8 @@ def prepare(q, mask: Optional[Mask], backend: str = "auto") -> str:
     backend = choose_backend(q, mask) if backend == "auto" else backend
     tiled = mask if backend == "triton" else None
     if backend == "split":
-        tiled = split.plan_for(q, mask).residual
+        plan = split.plan_for(q, mask)
+        tiled = mask if plan is None else plan.residual
     if tiled is not None:
         from bbm.kernels.tuning import META_TILE  # imported lazily: CPU users never load Triton
         tiled.block_meta(*META_TILE)
@@ -105,7 +105,8 @@ def attention(q, k, v, mask: Optional[Mask] = None, *, scale: Optional[float] = 
     full attention. ``scale`` defaults to ``1/sqrt(D)``. A query with no allowed key outputs zeros and
     gets zero gradient. ``backend`` forces a path ("sdpa", "triton", "reference"); "auto" picks the fastest
     exact one. ``backend="split"`` (opt-in, CUDA) runs the long documents of a causal document mask as
-    cuDNN attention and the rest on the Triton kernels (see ``bbm.split``). Differentiable in q, k and v."""
+    cuDNN attention and the rest on the Triton kernels (see ``bbm.split``); without a long document it is
+    "triton". Differentiable in q, k and v."""
     _validate(q, k, v, mask, scale, backend)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend == "auto":
@@ -121,12 +122,12 @@ def attention(q, k, v, mask: Optional[Mask] = None, *, scale: Optional[float] = 
         else:
             dense = mask.dense if mask.dense is not None else mask.to_dense()
             out = _masked_sdpa(q, k, v, dense, scale)
-    elif backend == "split":
+    elif backend == "split" and split.plan_for(q, mask) is not None:
         out = split.split_attention(q, k, v, split.plan_for(q, mask), scale)
-    else:
+    else:  # triton, reference, or a split with no document long enough for a block
         if mask is None:
             mask = Mask.from_ranges(*_full_bounds(q.shape[0], q.shape[2], k.shape[2], q.device), n_k=k.shape[2])
-        fn = _triton if backend == "triton" else reference_attention
+        fn = reference_attention if backend == "reference" else _triton
         out = fn(q, k, v, mask, scale)
     if mask is not None and mask.perm is not None:
         out = out.index_select(2, torch.argsort(mask.perm))

@@ -10,7 +10,10 @@ kernels run side by side instead of leaving the GPU half idle.
 
 cuDNN builds a graph per shape (a few hundred ms), so a block runs at its length rounded up to one of 16
 sizes per octave (``bucket``): the extra rows are the next tokens (or zeros at the sequence's end). Being
-causal, the document's rows never see them, and their output is dropped and their gradient zeroed.
+causal, the document's rows never see them, and their output is dropped and their gradient zeroed. The first
+call for a shape of q, k and v builds the graphs of every size a block of that sequence can take (about 60 at
+32k tokens; ``warm_up``), so that a training run pays for them once, up front, instead of in whichever step
+first meets a document length.
 """
 import contextlib
 import math
@@ -29,6 +32,7 @@ from bbm.masks.mask import document_starts
 MIN_BLOCK, MIN_BLOCK_WIDTH = 2048, 16 * 128
 STREAMS = 4
 _streams = {}
+_warm = set()
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,7 @@ class Split:
     blocks: Tuple[Tuple[Optional[int], int, int], ...]  # (mask sample or None for all, start, length), longest first
     residual: Optional[Mask]  # the other documents; None when every token is in a block
     covered: torch.Tensor  # bool (Bm, N) on the host: the tokens in blocks
+    min_block: int  # the shortest document that got a block
     _busy: dict = field(default_factory=dict, compare=False)  # busy_tiles by tile size
 
     def busy_tiles(self, tile: int) -> int:
@@ -69,7 +74,7 @@ def plan(mask: Mask, min_block: int) -> Optional[Split]:
         sample = (lambda f: f // n) if rows > 1 else (lambda f: None)
         spans = sorted(((sample(f), f % n, size) for f, size in zip(first[long].tolist(), length[long].tolist())),
                        key=lambda s: -s[2])
-        mask._meta[key] = Split(tuple(spans), residual, covered) if spans else None
+        mask._meta[key] = Split(tuple(spans), residual, covered, min_block) if spans else None
     return mask._meta[key]
 
 
@@ -77,6 +82,14 @@ def bucket(length: int) -> int:
     """``length`` rounded up to a multiple of 1/16 of its octave and of 64 (from 1024 on, at most 6.25% more)."""
     step = max(64, (1 << (length.bit_length() - 1)) // 16)
     return -(-length // step) * step
+
+
+def bucket_sizes(shortest: int, longest: int):
+    """Every length ``bucket`` gives to a block of ``shortest`` to ``longest`` tokens, in increasing order."""
+    sizes = [bucket(shortest)]
+    while sizes[-1] < bucket(longest):
+        sizes.append(bucket(sizes[-1] + 1))
+    return sizes
 
 
 def min_block(q: torch.Tensor, mask: Mask) -> int:
@@ -127,6 +140,23 @@ def split_attention(q, k, v, split: Split, scale: float, engine=CudnnBlocks) -> 
     return _SplitAttention.apply(q, k, v, split, float(scale), engine)
 
 
+def warm_up(q, k, split: Split, scale: float, engine=CudnnBlocks):
+    """Runs ``engine`` forward and backward once at every block size a split of q's sequence can use, on random
+    inputs of the blocks' layout; once per engine, shape, dtype and scale (cuDNN keeps the graphs)."""
+    b = 1 if split.blocks[0][0] is not None else q.shape[0]
+    sizes = bucket_sizes(split.min_block, q.shape[2])
+    key = (engine, q.device, q.dtype, b, q.shape[1], k.shape[1], q.shape[3], tuple(sizes), scale)
+    if key in _warm:
+        return
+    gen = torch.Generator(q.device).manual_seed(0)  # the run's random stream stays untouched
+    for size in sizes:
+        x = [torch.randn(b, heads, size, q.shape[3], device=q.device, dtype=q.dtype, generator=gen)
+             for heads in (q.shape[1], k.shape[1], k.shape[1], q.shape[1])]
+        out, state = engine.forward(*x[:3], scale)
+        engine.backward(x[3], *x[:3], out, state, scale)
+    _warm.add(key)
+
+
 def _side_streams(device):
     if device not in _streams:
         _streams[device] = [torch.cuda.Stream(device) for _ in range(STREAMS)]
@@ -164,10 +194,11 @@ def _rows(t, sample, start, length):
 
 
 def _bucketed(t, sample, start, length):
-    """The block's rows extended to ``bucket(length)``: a view, or a zero-padded copy at the sequence's end."""
+    """The block's rows extended to ``bucket(length)``, contiguous (the layout ``warm_up`` built graphs for):
+    the next tokens, or zeros at the sequence's end."""
     size = bucket(length)
     if start + size <= t.shape[2]:
-        return _rows(t, sample, start, size)
+        return _rows(t, sample, start, size).contiguous()
     return torch.nn.functional.pad(_rows(t, sample, start, length), (0, 0, 0, size - length))
 
 
@@ -181,6 +212,7 @@ class _SplitAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, split, scale, engine):
         from bbm.kernels.op import forward_pass, kernel_inputs  # imported lazily: CPU users never load Triton
+        warm_up(q, k, split, scale, engine)
         streams = _Streams(q.device)
         pieces, states = [], []
         for i, span in enumerate(split.blocks):  # the blocks first, so the residual overlaps them

@@ -3,11 +3,12 @@
 
     python benchmarks/train_throughput.py                                   # ~350M at 32k, all four backends
     python benchmarks/train_throughput.py --config configs/gpt_125m_16k.yaml --backends bbm,flex
+    python benchmarks/train_throughput.py --backends bbm,bbm:split,flex       # NAME:PATH forces bbm.attention's path
 
 Each backend trains in its own child process (a hung compile or an out-of-memory stays there) for
 --warmup + --steps optimizer steps of one 32k sequence each; the figures are medians over the timed steps,
 and the attention gain is fwd+bwd of one layer's attention vs dense causal SDPA on the last batch.
-Results: benchmarks/results/train_throughput.json and a table on stdout.
+Results: --out (default benchmarks/results/train_throughput.json) and a table on stdout.
 """
 import argparse
 import json
@@ -29,7 +30,9 @@ def child(args):
     from common import median_after, training_overrides  # benchmarks/common.py
 
     total = args.warmup + args.steps
-    overrides = [f"model.attention={args.child}", *training_overrides(total, Path(args.workdir) / args.child),
+    attention, _, path = args.child.partition(":")
+    overrides = [f"model.attention={attention}", f"model.bbm_backend={path or 'auto'}",
+                 *training_overrides(total, Path(args.workdir) / args.child.replace(":", "_")),
                  f"metrics.gain_every={total}", "deepspeed.gradient_accumulation_steps=1", *args.overrides]
     trainer = Trainer(load_config(args.config, overrides))
     trainer.train()
@@ -44,7 +47,7 @@ def child(args):
 
 
 def run_backend(args, backend: str, workdir: str) -> dict:
-    out = Path(workdir) / f"{backend}.json"
+    out = Path(workdir) / f"{backend.replace(':', '_')}.json"
     cmd = [sys.executable, __file__, "--child", backend, "--out", str(out), "--workdir", workdir, "--config", args.config,
            "--warmup", str(args.warmup), "--steps", str(args.steps), *args.overrides]
     print(f"== {backend}", flush=True)
@@ -55,7 +58,8 @@ def run_backend(args, backend: str, workdir: str) -> dict:
     if proc.returncode != 0 or not out.is_file():
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
         print("\n".join(tail), flush=True)
-        return {"error": tail[-1] if tail else f"exit {proc.returncode}"}
+        errors = [line for line in tail if "Error" in line]
+        return {"error": (errors or tail or [f"exit {proc.returncode}"])[-1]}
     return json.loads(out.read_text())
 
 
@@ -66,12 +70,13 @@ def fmt(value, spec=".1f"):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(REPO / "configs" / "gpt_350m_32k.yaml"))
-    ap.add_argument("--backends", default=",".join(BACKENDS))
+    ap.add_argument("--backends", default=",".join(BACKENDS),
+                    help="model.attention values; bbm:PATH also sets model.bbm_backend=PATH (e.g. bbm:split)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--timeout", type=int, default=300, help="seconds per backend")
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help="results JSON (default benchmarks/results/train_throughput.json)")
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="key=value config overrides for every backend")
     args = ap.parse_args()
@@ -101,7 +106,7 @@ def main():
         print(f"{backend:<12} {r['tokens_per_s']:>10.0f} {r['step_time_s']:>7.3f} {fmt(r['tflops']):>8} "
               f"{fmt(r['mfu'], '.3f'):>6} {fmt(r['tflops_dense_convention']):>12} {fmt(r['mfu_dense_convention'], '.3f'):>8} "
               f"{fmt(r['gain_vs_dense'], '.2f'):>9} {r['peak_mem_gib']:>8.1f} {fmt(speed, '.2f'):>6}")
-    out = RESULTS / "train_throughput.json"
+    out = Path(args.out) if args.out else RESULTS / "train_throughput.json"
     write_json(out, {"config": Path(args.config).name, "overrides": args.overrides, "environment": env,
                      "warmup": args.warmup, "steps": args.steps, "rows": rows})
     print(f"\nwritten {out}")

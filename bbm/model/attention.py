@@ -31,6 +31,7 @@ class BatchMask:
     block_mask: Any = None  # flex: torch BlockMask
     dense: Optional[torch.Tensor] = None  # sdpa_masked: bool (B, 1, N, N)
     biases: dict = field(default_factory=dict)  # sdpa_masked: additive float mask per dtype, shared by all layers
+    bbm_backend: str = "auto"  # bbm: bbm.attention's backend=
 
     def allowed_pairs(self) -> int:
         """Allowed (query, key) pairs summed over the micro-batch, per head."""
@@ -41,8 +42,9 @@ class BatchMask:
         return self.mask.density
 
 
-def build_mask(doc_ids, backend: str) -> BatchMask:
-    """The attention mask of one micro-batch: ``doc_ids`` int ``(B, N)``, a run of equal ids is one document."""
+def build_mask(doc_ids, backend: str, bbm_backend: str = "auto") -> BatchMask:
+    """The attention mask of one micro-batch: ``doc_ids`` int ``(B, N)``, a run of equal ids is one document.
+    ``bbm_backend`` is the path ``bbm.attention`` takes for backend ``bbm``."""
     check_tensor("doc_ids", doc_ids, ndim=2, dtype_kind="int")
     if backend not in ATTENTION_BACKENDS:
         fail("backend", f"one of {ATTENTION_BACKENDS}", repr(backend))
@@ -52,7 +54,7 @@ def build_mask(doc_ids, backend: str) -> BatchMask:
         return BatchMask(backend, b, bbm.Mask.causal(n, device=doc_ids.device))
     mask = bbm.Mask.from_documents(doc_ids)
     if backend == "bbm":
-        return BatchMask(backend, b, mask)
+        return BatchMask(backend, b, mask, bbm_backend=bbm_backend)
     if backend == "sdpa_masked":
         return BatchMask(backend, b, mask, dense=mask.to_dense())
     return BatchMask(backend, b, mask, block_mask=_flex_block_mask(doc_ids))
@@ -100,7 +102,7 @@ def attend(q, k, v, batch_mask: BatchMask):
     """Attention of q ``(B, Hq, N, D)`` over k, v ``(B, Hkv, N, D)`` restricted by the micro-batch's mask."""
     backend = batch_mask.backend
     if backend == "bbm":
-        return bbm.attention(q, k, v, batch_mask.mask)
+        return bbm.attention(q, k, v, batch_mask.mask, backend=batch_mask.bbm_backend)
     if backend == "flex":
         return _flex(q, k, v, batch_mask.block_mask)
     if backend == "sdpa_masked":  # kv heads repeated: SDPA's memory-efficient kernel takes a mask but no GQA

@@ -3,6 +3,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from bbm._checks import fail
+from bbm.attention import BACKENDS
 
 ATTENTION_BACKENDS = ("bbm", "flex", "sdpa_masked", "sdpa_causal")
 
@@ -21,6 +22,8 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     attention: str = "bbm"  # one of ATTENTION_BACKENDS
+    fused: bool = True  # on CUDA: RMSNorm, RoPE, SwiGLU's gate and the loss as torch.compile'd fused kernels
+    bbm_backend: str = "auto"  # with attention=bbm: bbm.attention's backend= (auto | triton | split | sdpa | reference)
 
     def validate(self, prefix: str = "model"):
         for name in ("dim", "n_layers", "n_heads", "multiple_of"):
@@ -38,6 +41,8 @@ class ModelConfig:
             fail(f"{prefix}.n_kv_heads", f"a divisor of n_heads={self.n_heads}", self.n_kv_heads)
         if self.attention not in ATTENTION_BACKENDS:
             fail(f"{prefix}.attention", f"one of {ATTENTION_BACKENDS}", repr(self.attention))
+        if self.bbm_backend not in BACKENDS:
+            fail(f"{prefix}.bbm_backend", f"one of {BACKENDS}", repr(self.bbm_backend))
         for name in ("norm_eps", "rope_theta", "init_std"):
             if getattr(self, name) <= 0:
                 fail(f"{prefix}.{name}", "a positive float", getattr(self, name))

@@ -9,7 +9,7 @@ from torch.utils.checkpoint import checkpoint
 from bbm._checks import fail
 from bbm.model.attention import BatchMask, attend
 from bbm.model.config import ModelConfig
-from bbm.model.layers import RMSNorm, SwiGLU, apply_rope, rope_tables
+from bbm.model.layers import RMSNorm, SwiGLU, apply_rope, maybe_fused, pointwise, rope_tables
 
 IGNORE_INDEX = -100
 
@@ -22,13 +22,14 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.rope = maybe_fused(apply_rope, cfg.fused)
 
     def forward(self, x, cos, sin, batch_mask: BatchMask, attention_fn):
         b, n, _ = x.shape
         q = self.wq(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
         out = attention_fn(q, k, v, batch_mask)  # the single attention call site
         return self.wo(out.transpose(1, 2).reshape(b, n, -1))
 
@@ -36,10 +37,10 @@ class Attention(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.fused)
         self.attn = Attention(cfg)
-        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.dim, cfg.hidden_dim)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.fused)
+        self.mlp = SwiGLU(cfg.dim, cfg.hidden_dim, cfg.fused)
 
     def forward(self, x, cos, sin, batch_mask, attention_fn):
         x = x + self.attn(self.attn_norm(x), cos, sin, batch_mask, attention_fn)
@@ -62,7 +63,8 @@ class Decoder(nn.Module):
         self.attention_fn = attend
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.fused)
+        self.loss_sum = _fused_loss_sum if cfg.fused else loss_sum
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -101,9 +103,15 @@ class Decoder(nn.Module):
         return self.lm_head(self.hidden(tokens, position_ids, batch_mask))
 
     def forward(self, tokens, position_ids, batch_mask: BatchMask, labels):
-        logits = self.logits(tokens, position_ids, batch_mask)
-        compute = torch.promote_types(logits.dtype, torch.float32)
-        losses = F.cross_entropy(logits.to(compute).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                                 reduction="sum")
         count = (labels != IGNORE_INDEX).sum().clamp(min=1)
-        return losses / count
+        return self.loss_sum(self.logits(tokens, position_ids, batch_mask), labels) / count
+
+
+def loss_sum(logits, labels):
+    """Summed next-token cross-entropy in fp32 (or finer) over labels != IGNORE_INDEX."""
+    compute = torch.promote_types(logits.dtype, torch.float32)
+    return F.cross_entropy(logits.to(compute).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+_fused_loss_sum = pointwise(loss_sum)  # the fp32 upcast of the logits fused into the softmax

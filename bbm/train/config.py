@@ -71,6 +71,7 @@ class MetricsConfig:
     gain_every: int = 100  # steps between timings of the chosen attention vs dense causal SDPA; 0: never
     peak_tflops: Optional[float] = None  # per device, for MFU; None: known GPUs, else MFU is not reported
     progress_bar: bool = True
+    profile_steps: Optional[Tuple[int, int]] = None  # [first, last] optimizer steps traced into <run dir>/profile
 
 
 @dataclass
@@ -130,6 +131,9 @@ class TrainConfig:
                 raise ValueError(f"model.{e}") from None
             if r.run.seq_len % sp:
                 fail("run.seq_len", f"a multiple of deepspeed.sequence_parallel_size={sp}", r.run.seq_len)
+        profiled = r.metrics.profile_steps
+        if profiled is not None and not 1 <= profiled[0] <= profiled[1]:
+            fail("metrics.profile_steps", "[first, last] steps with 1 <= first <= last", list(profiled))
         if r.metrics.peak_tflops is not None and r.metrics.peak_tflops <= 0:
             fail("metrics.peak_tflops", "a positive float or null", r.metrics.peak_tflops)
         if r.checkpoint.resume not in ("auto", "none") and not Path(r.checkpoint.resume).is_dir():

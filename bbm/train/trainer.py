@@ -24,6 +24,7 @@ from bbm.train.ds_config import deepspeed_config
 from bbm.train.env import init_distributed
 from bbm.train.flops import attention_gain, dense_pairs, peak_tflops, step_flops
 from bbm.train.optim import build_optimizer, build_schedule
+from bbm.train.profiling import StepProfiler
 from bbm.train.sink import METRICS_FILE, MetricsSink, read_metrics
 
 
@@ -179,7 +180,8 @@ class Trainer:
         run = self.cfg.run
         while True:
             batch = self._to_device(next(batches))
-            batch_mask = build_mask(batch["doc_ids"], self.model_cfg.attention)  # whole sequence, every layer
+            # whole sequence, every layer
+            batch_mask = build_mask(batch["doc_ids"], self.model_cfg.attention, self.model_cfg.bbm_backend)
             if self.sp > 1:
                 batch = shard_batch(batch, self.groups.sp_rank, self.sp)
             loss = self.engine(batch["tokens"], batch["position_ids"], batch_mask, batch["labels"])
@@ -282,6 +284,7 @@ class Trainer:
             bar = tqdm(total=cfg.run.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         stop = StopSignal()
         stop.install()
+        profiler = StepProfiler(cfg.metrics.profile_steps, self.run_dir, env.rank, env.device)
         batches = iter(self.loader)
         interval = Interval(env.device)
         first = last = None
@@ -291,8 +294,10 @@ class Trainer:
                 if self._any_rank(stop.signum is not None):
                     stopped = True
                     break
+                profiler.before_step(self.step + 1)
                 self._train_step(batches, interval)
                 self.step += 1
+                profiler.after_step(self.step)
                 self.tokens_seen += self.tokens_per_step
                 if bar is not None:
                     bar.update(1)
@@ -315,6 +320,7 @@ class Trainer:
                     interval.reset()
         finally:
             getattr(batches, "close", lambda: None)()  # stops the loader's prefetch thread
+            profiler.close()
             stop.restore()
             if bar is not None:
                 bar.close()

@@ -7,9 +7,10 @@ import torch
 import bbm
 import bbm.split
 from bbm.testing import random_doc_ids
+from gpu import needs_gpu
 from kernel_checks import check_against_dense, qkv
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = needs_gpu
 CUDA = "cuda"
 
 
@@ -103,6 +104,15 @@ def test_split_backend_gpu():
     got += torch.autograd.grad(got[0], (q, k, v), g)
     for a, b in zip(got, want):
         assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 2e-2
+
+
+def test_split_without_a_long_document_is_triton_gpu():
+    doc = random_doc_ids(1, 1000, 20, generator=torch.Generator().manual_seed(5), device=CUDA)  # all far below 2048
+    q, k, v = qkv(1, 4, 2, 1000, 1000, 64, torch.bfloat16, CUDA)
+    mask = bbm.Mask.from_documents(doc)
+    assert bbm.split.plan_for(q, mask) is None and bbm.prepare(q, mask, backend="split") == "split"
+    torch.testing.assert_close(bbm.attention(q, k, v, mask, backend="split"),
+                               bbm.attention(q, k, v, mask, backend="triton"), rtol=0, atol=0)
 
 
 def test_split_needs_a_document_mask_gpu():

@@ -107,13 +107,25 @@ def test_buckets():
         assert n <= split.bucket(n) <= (n * 1.0625 if n >= 1024 else n + 63) and split.bucket(n) % 64 == 0
 
 
+def test_bucket_sizes():
+    sizes = split.bucket_sizes(2897, 32768)
+    assert sizes == sorted(set(sizes)) and sizes[0] == 2944 and sizes[-1] == 32768 and len(sizes) == 58
+    assert set(map(split.bucket, range(2897, 32769))) == set(sizes)
+    assert split.bucket_sizes(1, 1) == [64]
+
+
 def test_split_runs_blocks_at_bucket_lengths():
     """Blocks extended into the next documents (in the sequence) and zero-padded (at its end)."""
     doc = torch.tensor([[0] * 25 + [1] * 3 + [2] * 40 + [3] * 2 + [4] * 80])
     mask = bbm.Mask.from_documents(doc)
     s = split.plan(mask, min_block=20)
     assert s.blocks == ((None, 70, 80), (None, 28, 40), (None, 0, 25))
+    split._warm.clear()
     Float64Blocks.lengths = []
     check_against_dense(*qkv(1, 2, 1, 150, 150, 16, torch.float32), mask,
                         run=lambda q, k, v: split.split_attention(q, k, v, s, 0.3, Float64Blocks))
+    # the first call warms every size a block of 20-150 tokens can take, then runs the blocks
+    assert Float64Blocks.lengths == [64, 128, 192, 128, 64, 64]
+    Float64Blocks.lengths = []
+    split.split_attention(*qkv(1, 2, 1, 150, 150, 16, torch.float32), s, 0.3, Float64Blocks)
     assert Float64Blocks.lengths == [128, 64, 64]

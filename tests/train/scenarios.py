@@ -47,7 +47,7 @@ def call_hook(trainer: Trainer, on_call: int, action):
 
 def zero_stages(workdir: Path) -> dict:
     out = {}
-    variants = {0: [], 1: [], 2: ["deepspeed.bf16=true", "wandb.mode=offline", "metrics.gain_every=2"],
+    variants = {0: [], 1: ["metrics.profile_steps=[2,3]"], 2: ["deepspeed.bf16=true", "wandb.mode=offline", "metrics.gain_every=2"],
                 3: ["deepspeed.activation_checkpointing=true", "deepspeed.gradient_accumulation_steps=2",
                     "checkpoint.every=3"]}
     for stage, extra in variants.items():

@@ -48,6 +48,9 @@ def test_overrides_are_typed():
     ("optimizer.lr=-1", "optimizer.lr", ValueError),
     ("deepspeed.zero_stage=4", "deepspeed.zero_stage", ValueError),
     ("model.attention=dense", "model.attention", ValueError),
+    ("model.bbm_backend=fast", "model.bbm_backend", ValueError),
+    ("metrics.profile_steps=[3,2]", "metrics.profile_steps", ValueError),
+    ("metrics.profile_steps=[0,2]", "metrics.profile_steps", ValueError),
     ("model.n_kv_heads=4", "model.n_kv_heads", ValueError),  # does not divide tiny_cpu's 6 heads
     ("data.source=web", "data.source", ValueError),
     ("data.prefetch=-1", "data.prefetch", ValueError),

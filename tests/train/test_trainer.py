@@ -61,6 +61,16 @@ def test_metrics_jsonl_and_wandb_offline(results):
     assert list(wandb_dir.glob("run-*.wandb")), "the offline run file that `wandb sync` uploads"
 
 
+def test_profiled_steps_leave_a_trace_and_an_operator_table(results):
+    profile = Path(scenario(results, "stages")["zero1"]["summary"]["run_dir"]) / "profile"
+    assert sorted(p.name for p in profile.iterdir()) == ["ops_rank0.txt", "trace_rank0.json"]
+    events = json.loads((profile / "trace_rank0.json").read_text())["traceEvents"]
+    names = {e.get("name") for e in events}
+    assert {"aten::mm", "aten::bmm"} & names or "aten::addmm" in names, sorted(names)[:40]
+    table = (profile / "ops_rank0.txt").read_text()
+    assert table.startswith("steps 2-3, sorted by self_cpu_time_total") and "aten::" in table
+
+
 def test_stop_and_resume_reproduces_the_loss_curve_exactly(results):
     r = scenario(results, "resume")
     assert r["stopped"]["stopped"] and r["stopped"]["step"] == 3 and r["resumed_at"] == 3
