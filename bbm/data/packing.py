@@ -25,6 +25,8 @@ import numpy as np
 
 from bbm._checks import fail
 
+IGNORE_INDEX = -100  # the label of tokens with no next token to predict (the model's loss skips it)
+
 _SHIFT = 32   # a capacity key is (remaining room << 32) | sequence index
 
 
@@ -136,11 +138,11 @@ def materialize(tokens, starts, lengths, doc_ends, seq_ptr, seq_len: int, pad_id
     after = starts + lengths
     has_next = after < doc_ends
     following = tokens[np.where(has_next, after, 0)].astype(np.int64)
-    label[seg_first[piece_seg] + lengths - 1] = np.where(has_next, following, -100)
+    label[seg_first[piece_seg] + lengths - 1] = np.where(has_next, following, IGNORE_INDEX)
     out = {"tokens": token.reshape(n_seq, seq_len), "labels": label.reshape(n_seq, seq_len),
            "position_ids": position.reshape(n_seq, seq_len),
            "doc_ids": np.repeat(seg_doc, seg_len).reshape(n_seq, seq_len)}
     # Padding: the pad id, never a label.
     padding = np.arange(seq_len)[None, :] >= fill[:, None]
-    out["tokens"][padding], out["labels"][padding] = pad_id, -100
+    out["tokens"][padding], out["labels"][padding] = pad_id, IGNORE_INDEX
     return out

@@ -7,11 +7,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from bbm._checks import fail
+from bbm.data.packing import IGNORE_INDEX
 from bbm.model.attention import BatchMask, attend
 from bbm.model.config import ModelConfig
 from bbm.model.layers import RMSNorm, SwiGLU, apply_rope, maybe_fused, pointwise, rope_tables
 
-IGNORE_INDEX = -100
 
 
 class Attention(nn.Module):
