@@ -124,3 +124,13 @@ def test_build_mask_checks():
     with pytest.raises(TypeError, match="doc_ids"):
         build_mask(torch.zeros(1, 8), "bbm")
     assert set(ATTENTION_BACKENDS) == {"bbm", "flex", "sdpa_masked", "sdpa_causal"}
+
+
+def test_bbm_backend_reaches_bbm_attention():
+    m = model()
+    tokens, labels, pos, doc = packed_batch(4)
+    with torch.no_grad():
+        exact = m(tokens, pos, build_mask(doc, "bbm"), labels)
+        assert m(tokens, pos, build_mask(doc, "bbm", "reference"), labels) == exact  # what auto runs on CPU
+        with pytest.raises(ValueError, match="^q: .*CUDA tensor for backend='split'"):
+            m(tokens, pos, build_mask(doc, "bbm", "split"), labels)
