@@ -13,7 +13,6 @@ from bbm.model.config import ModelConfig
 from bbm.model.layers import RMSNorm, SwiGLU, apply_rope, maybe_fused, pointwise, rope_tables
 
 
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
