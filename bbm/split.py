@@ -142,19 +142,36 @@ def split_attention(q, k, v, split: Split, scale: float, engine=CudnnBlocks) -> 
 
 def warm_up(q, k, split: Split, scale: float, engine=CudnnBlocks):
     """Runs ``engine`` forward and backward once at every block size a split of q's sequence can use, on random
-    inputs of the blocks' layout; once per engine, shape, dtype and scale (cuDNN keeps the graphs)."""
+    inputs of the blocks' layout; once per engine, shape, dtype and scale. cuDNN keeps its graphs per thread,
+    so the backward goes through autograd, which runs it on the thread that will run the split's backward."""
     b = 1 if split.blocks[0][0] is not None else q.shape[0]
     sizes = bucket_sizes(split.min_block, q.shape[2])
     key = (engine, q.device, q.dtype, b, q.shape[1], k.shape[1], q.shape[3], tuple(sizes), scale)
     if key in _warm:
         return
     gen = torch.Generator(q.device).manual_seed(0)  # the run's random stream stays untouched
-    for size in sizes:
-        x = [torch.randn(b, heads, size, q.shape[3], device=q.device, dtype=q.dtype, generator=gen)
-             for heads in (q.shape[1], k.shape[1], k.shape[1], q.shape[1])]
-        out, state = engine.forward(*x[:3], scale)
-        engine.backward(x[3], *x[:3], out, state, scale)
+    with torch.enable_grad():
+        for size in sizes:
+            x = [torch.randn(b, heads, size, q.shape[3], device=q.device, dtype=q.dtype, generator=gen)
+                 for heads in (q.shape[1], k.shape[1], k.shape[1], q.shape[1])]
+            _Block.apply(*(t.requires_grad_() for t in x[:3]), scale, engine).backward(x[3])
     _warm.add(key)
+
+
+class _Block(torch.autograd.Function):
+    """One block of ``engine`` as an autograd node (for ``warm_up``)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, engine):
+        out, state = engine.forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, out, *state)
+        ctx.scale, ctx.engine = scale, engine
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, *state = ctx.saved_tensors
+        return (*ctx.engine.backward(do.contiguous(), q, k, v, out, tuple(state), ctx.scale), None, None)
 
 
 def _side_streams(device):

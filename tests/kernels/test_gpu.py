@@ -1,6 +1,8 @@
 """The compiled kernels on a CUDA GPU (skipped elsewhere): bf16/fp16 against float64, head dims 32-256,
 determinism, the metadata kernels against the CPU build, torch.compile (inductor) without graph breaks,
 dispatch of exactly causal masks to SDPA, long documents as cuDNN blocks (bbm.split)."""
+import threading
+
 import pytest
 import torch
 
@@ -85,6 +87,28 @@ def test_split_documents_gpu(dtype, d, kv_heads, shared):
     assert s.residual is not None and len(s.blocks) >= 2
     check_against_dense(*qkv(2, 4, kv_heads, 4000, 4000, d, dtype, CUDA), mask, scale=d ** -0.5,
                         run=lambda q, k, v: bbm.split.split_attention(q, k, v, s, d ** -0.5))
+
+
+def test_split_warm_up_runs_backward_on_the_backward_thread_gpu():
+    """cuDNN keeps graphs per thread: the warm-up's backward must run where the split's backward runs."""
+    threads = {"warm": set(), "real": set()}
+
+    class Recording(bbm.split.CudnnBlocks):  # an engine of its own, so the warm-up runs for it
+        phase = "warm"
+
+        @staticmethod
+        def backward(*args):
+            threads[Recording.phase].add(threading.get_ident())
+            return bbm.split.CudnnBlocks.backward(*args)
+
+    doc = torch.zeros(1, 3000, dtype=torch.int32, device=CUDA)
+    doc[:, 1200:] = 1
+    s = bbm.split.plan(bbm.Mask.from_documents(doc), 1000)
+    q, k, v = qkv(1, 4, 2, 3000, 3000, 64, torch.bfloat16, CUDA)
+    out = bbm.split.split_attention(q, k, v, s, 0.125, Recording)
+    Recording.phase = "real"
+    out.backward(torch.randn_like(out))
+    assert len(threads["warm"]) == 1 and threads["warm"] == threads["real"], threads
 
 
 def test_split_backend_gpu():
