@@ -1,14 +1,44 @@
 """``metrics.profile_steps: [first, last]``: those optimizer steps run under torch.profiler and leave, in
 ``<run dir>/profile``, a Chrome trace (chrome://tracing, Perfetto) and a table of the operators by device time
-(or CPU time without a GPU), one of each per rank. Profiled steps run slower: their throughput is not the
-run's."""
+(or CPU time without a GPU), one of each per rank. On a GPU the table starts with the step's kernel time by
+kind (attention, matmuls, optimizer, ...). Profiled steps run slower: their throughput is not the run's."""
 import os
+import re
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from bbm._files import write_atomic
+
+# Kernel kinds by name (PyTorch, cuBLAS, cuDNN, Triton, Inductor, NCCL); the first match wins.
+KINDS = (("attention", r"fwd_kernel|bwd_kernel|attn|attention|flash|fmha|sdpa|cudnn|triton_tem"),
+         ("matmul", r"gemm|nvjet|cutlass|xmma|gemv"),
+         ("optimizer", r"adam|multi_tensor"),
+         ("communication", r"nccl"),
+         ("copies", r"memcpy|memset"))
+OTHER = "element-wise and other"
+
+
+def kernel_kind(name: str) -> str:
+    for kind, pattern in KINDS:
+        if re.search(pattern, name, re.IGNORECASE):
+            return kind
+    return OTHER
+
+
+def kernel_breakdown(kernels, steps: int) -> str:
+    """Lines of GPU time per step by kernel kind, from (kernel name, total microseconds) pairs."""
+    totals = {}
+    for name, us in kernels:
+        kind = kernel_kind(name)
+        totals[kind] = totals.get(kind, 0.0) + us
+    busy = sum(totals.values()) or 1.0
+    lines = [f"GPU kernel time per step: {busy / steps / 1e3:.1f} ms"]
+    lines += [f"  {kind:<24} {us / steps / 1e3:9.1f} ms  {100 * us / busy:5.1f}%"
+              for kind, us in sorted(totals.items(), key=lambda kv: -kv[1])]
+    return "\n".join(lines)
 
 
 class StepProfiler:
@@ -40,9 +70,13 @@ class StepProfiler:
         prof.export_chrome_trace(str(partial))
         os.replace(partial, trace)
         sort = "self_device_time_total" if self.cuda else "self_cpu_time_total"
-        table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70)
-        write_atomic(self.dir / f"ops_rank{self.rank}.txt",
-                     f"steps {self.first}-{self.last}, sorted by {sort}\n{table}\n")
+        averages = prof.key_averages()
+        head = f"steps {self.first}-{self.last}, sorted by {sort}\n"
+        if self.cuda:
+            kernels = [(a.key, a.self_device_time_total) for a in averages if a.device_type == DeviceType.CUDA]
+            head += kernel_breakdown(kernels, self.last - self.first + 1) + "\n"
+        table = averages.table(sort_by=sort, row_limit=40, max_name_column_width=70)
+        write_atomic(self.dir / f"ops_rank{self.rank}.txt", f"{head}{table}\n")
 
     def close(self):
         """Stops a profile the run left before its last step (nothing is written)."""

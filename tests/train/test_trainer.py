@@ -88,3 +88,21 @@ def test_nonfinite_loss_skipped_when_configured(results):
     records = r["records"]
     assert [x["skipped_batches"] for x in records] == [0, 0, 1, 0, 0, 0]
     assert all(math.isfinite(x["loss"]) for x in records)
+
+
+def test_profile_kernel_breakdown():
+    from bbm.train.profiling import OTHER, kernel_breakdown, kernel_kind
+    kinds = {"bwd_kernel": "attention", "fwd_kernel": "attention",
+             "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x64x128_4x1x1_kernel0_0": "attention",
+             "triton_tem_fused_0": "attention", "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT": "matmul",
+             "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "matmul",
+             "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer",
+             "ncclDevKernel_AllReduce_Sum_f32_RING_LL": "communication", "Memcpy DtoD (Device -> Device)": "copies",
+             "triton_poi_fused_mul_silu_0": OTHER, "void at::native::vectorized_elementwise_kernel<8>": OTHER}
+    assert {name: kernel_kind(name) for name in kinds} == kinds
+    text = kernel_breakdown([("bwd_kernel", 3000.0), ("fwd_kernel", 1000.0), ("nvjet_x", 4000.0),
+                             ("triton_poi_fused_mul_silu_0", 2000.0)], steps=2)
+    assert text.splitlines() == ["GPU kernel time per step: 5.0 ms",
+                                 "  attention                      2.0 ms   40.0%",
+                                 "  matmul                         2.0 ms   40.0%",
+                                 f"  {OTHER:<24}       1.0 ms   20.0%"]
