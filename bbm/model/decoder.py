@@ -10,7 +10,7 @@ from bbm._checks import fail
 from bbm.data.packing import IGNORE_INDEX
 from bbm.model.attention import BatchMask, attend
 from bbm.model.config import ModelConfig
-from bbm.model.layers import RMSNorm, SwiGLU, apply_rope, maybe_fused, pointwise, rope_tables
+from bbm.model.layers import RMSNorm, SwiGLU, apply_rope, maybe_fused, rope_tables
 
 
 class Attention(nn.Module):
@@ -63,7 +63,7 @@ class Decoder(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.fused)
-        self.loss_sum = _fused_loss_sum if cfg.fused else loss_sum
+        self.loss_sum = maybe_fused(loss_sum, cfg.fused)  # fused: the fp32 upcast of the logits inside the softmax
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -111,6 +111,3 @@ def loss_sum(logits, labels):
     compute = torch.promote_types(logits.dtype, torch.float32)
     return F.cross_entropy(logits.to(compute).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                            reduction="sum")
-
-
-_fused_loss_sum = pointwise(loss_sum)  # the fp32 upcast of the logits fused into the softmax

@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 
+@functools.cache
 def pointwise(fn):
-    """``fn`` compiled for CUDA inputs (one graph per shape, shared by every caller), eager otherwise."""
+    """``fn`` compiled for CUDA inputs (one graph per shape, shared by every caller), eager otherwise; one
+    wrapper per function."""
     compiled = torch.compile(fn, dynamic=False)
 
     @functools.wraps(fn)
@@ -43,11 +45,8 @@ def silu_gate(gate, up):
     return F.silu(gate) * up
 
 
-FUSED = {fn: pointwise(fn) for fn in (rms_norm, apply_rope, silu_gate)}
-
-
 def maybe_fused(fn, fused: bool):
-    return FUSED[fn] if fused else fn
+    return pointwise(fn) if fused else fn
 
 
 class RMSNorm(nn.Module):

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from bbm.model import Decoder, ModelConfig, build_mask
-from bbm.model.decoder import loss_sum, _fused_loss_sum
-from bbm.model.layers import FUSED, apply_rope, rms_norm, rope_tables, silu_gate
+from bbm.model.decoder import loss_sum
+from bbm.model.layers import apply_rope, pointwise, rms_norm, rope_tables, silu_gate
 from gpu import needs_gpu
 from test_model import packed_batch
 
@@ -34,16 +34,17 @@ def close_with_grads(fn, fused, inputs, tol):
 def test_fused_functions_match_eager_gpu(dtype, tol):
     b, h, n, d, dim = 2, 3, 300, 64, 96
     x = torch.randn(b, n, dim, device=CUDA, dtype=dtype)
-    close_with_grads(rms_norm, FUSED[rms_norm], [x, torch.rand(dim, device=CUDA, dtype=dtype) + 0.5, 1e-5], tol)
+    close_with_grads(rms_norm, pointwise(rms_norm), [x, torch.rand(dim, device=CUDA, dtype=dtype) + 0.5, 1e-5], tol)
     positions = torch.randint(0, 500, (b, n), device=CUDA)
     cos, sin = rope_tables(positions, d, 10000.0)
-    close_with_grads(apply_rope, FUSED[apply_rope], [torch.randn(b, h, n, d, device=CUDA, dtype=dtype), cos, sin], tol)
+    x = torch.randn(b, h, n, d, device=CUDA, dtype=dtype)
+    close_with_grads(apply_rope, pointwise(apply_rope), [x, cos, sin], tol)
     gate, up = (torch.randn(b, n, 2 * dim, device=CUDA, dtype=dtype) for _ in range(2))
-    close_with_grads(silu_gate, FUSED[silu_gate], [gate, up], tol)
+    close_with_grads(silu_gate, pointwise(silu_gate), [gate, up], tol)
     labels = torch.randint(0, 77, (b, n), device=CUDA)
     labels[0, :10] = -100
     logits = 3 * torch.randn(b, n, 77, device=CUDA, dtype=dtype)
-    close_with_grads(loss_sum, _fused_loss_sum, [logits, labels], tol)
+    close_with_grads(loss_sum, pointwise(loss_sum), [logits, labels], tol)
 
 
 def test_fused_model_matches_eager_gpu():
