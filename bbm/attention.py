@@ -122,8 +122,8 @@ def attention(q, k, v, mask: Optional[Mask] = None, *, scale: Optional[float] = 
         else:
             dense = mask.dense if mask.dense is not None else mask.to_dense()
             out = _masked_sdpa(q, k, v, dense, scale)
-    elif backend == "split" and split.plan_for(q, mask) is not None:
-        out = split.split_attention(q, k, v, split.plan_for(q, mask), scale)
+    elif backend == "split" and (plan := split.plan_for(q, mask)) is not None:
+        out = split.split_attention(q, k, v, plan, scale)
     else:  # triton, reference, or a split with no document long enough for a block
         if mask is None:
             mask = Mask.from_ranges(*_full_bounds(q.shape[0], q.shape[2], k.shape[2], q.device), n_k=k.shape[2])

@@ -145,13 +145,12 @@ def warm_up(q, k, split: Split, scale: float, engine=CudnnBlocks):
     inputs of the blocks' layout; once per engine, shape, dtype and scale. cuDNN keeps its graphs per thread,
     so the backward goes through autograd, which runs it on the thread that will run the split's backward."""
     b = 1 if split.blocks[0][0] is not None else q.shape[0]
-    sizes = bucket_sizes(split.min_block, q.shape[2])
-    key = (engine, q.device, q.dtype, b, q.shape[1], k.shape[1], q.shape[3], tuple(sizes), scale)
-    if key in _warm:
+    key = (engine, q.device, q.dtype, b, q.shape[1], k.shape[1], q.shape[3], split.min_block, q.shape[2], scale)
+    if key in _warm:  # checked on every call: before any list is built
         return
     gen = torch.Generator(q.device).manual_seed(0)  # the run's random stream stays untouched
     with torch.enable_grad():
-        for size in sizes:
+        for size in bucket_sizes(split.min_block, q.shape[2]):
             x = [torch.randn(b, heads, size, q.shape[3], device=q.device, dtype=q.dtype, generator=gen)
                  for heads in (q.shape[1], k.shape[1], k.shape[1], q.shape[1])]
             _Block.apply(*(t.requires_grad_() for t in x[:3]), scale, engine).backward(x[3])
