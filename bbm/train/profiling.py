@@ -54,7 +54,7 @@ class StepProfiler:
         if step == self.first:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
             self.active = profile(activities=activities, record_shapes=True)
-            self.active.__enter__()
+            self.active.start()
 
     def after_step(self, step: int):
         """Called after step ``step``: the last profiled one writes the trace and the table."""
@@ -63,7 +63,7 @@ class StepProfiler:
         if self.cuda:
             torch.cuda.synchronize()
         prof, self.active = self.active, None
-        prof.__exit__(None, None, None)
+        prof.stop()
         self.dir.mkdir(parents=True, exist_ok=True)
         trace = self.dir / f"trace_rank{self.rank}.json"
         partial = trace.with_name(f".{trace.name}.tmp.{os.getpid()}")
@@ -81,5 +81,5 @@ class StepProfiler:
     def close(self):
         """Stops a profile the run left before its last step (nothing is written)."""
         if self.active is not None:
-            self.active.__exit__(None, None, None)
+            self.active.stop()
             self.active = None
