@@ -2,6 +2,8 @@
 
 Validates, applies a mask's token reordering, and dispatches:
   * full or exactly causal masks on CUDA -> PyTorch SDPA (its fastest backend);
+  * causal document masks with a long document on CUDA -> the document split (``bbm.split``): long documents
+    on cuDNN, the rest on the Triton kernels;
   * other masks on CUDA -> the Triton block-sparse kernels;
   * CPU tensors -> the exact PyTorch reference that walks the same tile metadata.
 """
@@ -52,8 +54,9 @@ def _validate(q, k, v, mask, scale, backend):
     if backend not in BACKENDS:
         fail("backend", f"one of {BACKENDS}", repr(backend))
     if backend == "split":
-        if not q.is_cuda:
-            fail("q", "a CUDA tensor for backend='split' (cuDNN attention)", q.device)
+        if not split.supported(q):
+            fail("q", "inputs cuDNN attention takes, for backend='split' (CUDA, fp16/bf16, head dim a multiple of 8 "
+                 "up to 128, deterministic algorithms off)", f"{q.device}, {q.dtype}, head dim {d}")
         if mask is None or mask.documents is None or not mask.documents_causal:
             fail("mask", "for backend='split', a causal Mask.from_documents mask (no window or prefix)", repr(mask))
 
@@ -80,6 +83,9 @@ def choose_backend(q, mask: Optional[Mask]) -> str:
         return "reference"
     if mask is None or mask.exactly_causal:
         return "sdpa"
+    if (mask.perm is None and not torch.compiler.is_compiling() and split.supported(q)
+            and split.plan_for(q, mask) is not None):  # compiled graphs keep the Triton custom op
+        return "split"
     return "triton"
 
 
@@ -103,10 +109,10 @@ def attention(q, k, v, mask: Optional[Mask] = None, *, scale: Optional[float] = 
 
     q ``(B, Hq, Nq, D)``, k and v ``(B, Hkv, Nk, D)`` with ``Hq % Hkv == 0`` (GQA/MQA). ``mask=None`` is
     full attention. ``scale`` defaults to ``1/sqrt(D)``. A query with no allowed key outputs zeros and
-    gets zero gradient. ``backend`` forces a path ("sdpa", "triton", "reference"); "auto" picks the fastest
-    exact one. ``backend="split"`` (opt-in, CUDA) runs the long documents of a causal document mask as
-    cuDNN attention and the rest on the Triton kernels (see ``bbm.split``); without a long document it is
-    "triton". Differentiable in q, k and v."""
+    gets zero gradient. ``backend`` forces a path ("sdpa", "split", "triton", "reference"); "auto" picks the
+    fastest exact one. "split" (CUDA) runs the long documents of a causal document mask as cuDNN attention and
+    the rest on the Triton kernels (see ``bbm.split``); without a long document it is "triton". "auto" takes
+    it where cuDNN takes the inputs (``bbm.split.supported``). Differentiable in q, k and v."""
     _validate(q, k, v, mask, scale, backend)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend == "auto":

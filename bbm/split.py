@@ -8,10 +8,11 @@ over the rest of the mask (the residual). The pieces fill disjoint rows of the o
 They are issued round-robin on a few CUDA streams, the residual on the caller's, so short documents'
 kernels run side by side instead of leaving the GPU half idle.
 
-cuDNN builds a graph per shape (a few hundred ms), so a block runs at its length rounded up to one of 16
-sizes per octave (``bucket``): the extra rows are the next tokens (or zeros at the sequence's end). Being
+cuDNN builds a graph per shape and strides (about 90 ms), so a block runs at its length rounded up to one of
+16 sizes per octave (``bucket``), as a view of q, k and v (no copy; grouped K/V heads go in as they are):
+the extra rows are the next tokens (or, at the sequence's end, zeros in a buffer of the same strides). Being
 causal, the document's rows never see them, and their output is dropped and their gradient zeroed. The first
-call for a shape of q, k and v builds the graphs of every size a block of that sequence can take (about 60 at
+call for a layout of q, k and v builds the graphs of every size a block of that sequence can take (about 60 at
 32k tokens; ``warm_up``), so that a training run pays for them once, up front, instead of in whichever step
 first meets a document length.
 """
@@ -92,6 +93,25 @@ def bucket_sizes(shortest: int, longest: int):
     return sizes
 
 
+def block_size(length: int, n: int) -> int:
+    """The rows a block of a ``length``-token document runs with in a sequence of ``n`` tokens."""
+    return min(bucket(length), n)
+
+
+def block_sizes(shortest: int, n: int):
+    """Every ``block_size`` of a document of at least ``shortest`` tokens in a sequence of ``n``, increasing."""
+    return sorted({min(size, n) for size in bucket_sizes(shortest, n)})
+
+
+def supported(q: torch.Tensor) -> bool:
+    """Whether cuDNN's attention takes queries like ``q`` (B, Hq, N, D): CUDA (compute capability 8.0 or
+    newer), fp16 or bf16, head dim a multiple of 8 up to 128, and deterministic algorithms not requested
+    (cuDNN's backward is not bitwise reproducible; the Triton kernels are)."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[3] % 8 == 0 and q.shape[3] <= 128
+            and torch.backends.cudnn.is_available() and torch.cuda.get_device_capability(q.device) >= (8, 0)
+            and not torch.are_deterministic_algorithms_enabled())
+
+
 def min_block(q: torch.Tensor, mask: Mask) -> int:
     """The shortest document that gets its own block for queries like ``q`` (B, Hq, N, D); a mask shared by
     the batch makes each block B samples wide."""
@@ -105,13 +125,12 @@ def plan_for(q: torch.Tensor, mask: Optional[Mask]) -> Optional[Split]:
 
 
 class CudnnBlocks:
-    """One document as plain attention on cuDNN (PyTorch's SDPA cuDNN operators, no dropout). Grouped
-    K/V heads are repeated for the call and their gradients summed back."""
+    """One document as plain causal attention on cuDNN (PyTorch's SDPA cuDNN operators, no dropout). Grouped
+    K/V heads go in as they are: cuDNN reads them per query head and sums their gradients."""
 
     @staticmethod
     def forward(q, k, v, scale: float):
         """Causal attention -> out, state (tensors the backward needs)."""
-        k, v = _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1])
         out, lse, cum_q, cum_k, _, _, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
             q, k, v, None, True, 0.0, True, False, scale=scale)
         return out, (lse, cum_q, cum_k, seed, offset)
@@ -119,19 +138,8 @@ class CudnnBlocks:
     @staticmethod
     def backward(do, q, k, v, out, state, scale: float):
         lse, cum_q, cum_k, seed, offset = state
-        heads_kv = k.shape[1]
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            do, q, _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1]), out, lse, seed, offset, None,
-            cum_q, cum_k, q.shape[2], k.shape[2], 0.0, True, scale=scale)
-        return dq, _sum_heads(dk, heads_kv), _sum_heads(dv, heads_kv)
-
-
-def _repeat_heads(t, heads):
-    return t if t.shape[1] == heads else t.repeat_interleave(heads // t.shape[1], dim=1)
-
-
-def _sum_heads(t, heads):
-    return t if t.shape[1] == heads else t.unflatten(1, (heads, -1)).sum(2)
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            do, q, k, v, out, lse, seed, offset, None, cum_q, cum_k, q.shape[2], k.shape[2], 0.0, True, scale=scale)
 
 
 def split_attention(q, k, v, split: Split, scale: float, engine=CudnnBlocks) -> torch.Tensor:
@@ -140,20 +148,24 @@ def split_attention(q, k, v, split: Split, scale: float, engine=CudnnBlocks) -> 
     return _SplitAttention.apply(q, k, v, split, float(scale), engine)
 
 
-def warm_up(q, k, split: Split, scale: float, engine=CudnnBlocks):
+def warm_up(q, k, v, split: Split, scale: float, engine=CudnnBlocks):
     """Runs ``engine`` forward and backward once at every block size a split of q's sequence can use, on random
-    inputs of the blocks' layout; once per engine, shape, dtype and scale. cuDNN keeps its graphs per thread,
-    so the backward goes through autograd, which runs it on the thread that will run the split's backward."""
-    b = 1 if split.blocks[0][0] is not None else q.shape[0]
-    key = (engine, q.device, q.dtype, b, q.shape[1], k.shape[1], q.shape[3], split.min_block, q.shape[2], scale)
+    inputs of the blocks' layout (views of buffers with the strides of q, k and v); once per engine, layout,
+    dtype and scale. cuDNN keeps its graphs per thread, so the backward goes through autograd, which runs it on
+    the thread that will run the split's backward."""
+    sample = 0 if split.blocks[0][0] is not None else None
+    key = (engine, q.device, q.dtype, sample, q.shape, q.stride(), k.shape, k.stride(), v.stride(), split.min_block,
+           scale)
     if key in _warm:  # checked on every call: before any list is built
         return
     gen = torch.Generator(q.device).manual_seed(0)  # the run's random stream stays untouched
+    buffers = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).normal_(generator=gen)
+               for t in (q, k, v)]
     with torch.enable_grad():
-        for size in bucket_sizes(split.min_block, q.shape[2]):
-            x = [torch.randn(b, heads, size, q.shape[3], device=q.device, dtype=q.dtype, generator=gen)
-                 for heads in (q.shape[1], k.shape[1], k.shape[1], q.shape[1])]
-            _Block.apply(*(t.requires_grad_() for t in x[:3]), scale, engine).backward(x[3])
+        for size in block_sizes(split.min_block, q.shape[2]):
+            x = [_rows(t, sample, 0, size).detach().requires_grad_() for t in buffers]
+            out = _Block.apply(*x, scale, engine)
+            out.backward(torch.empty_like(out).normal_(generator=gen))
     _warm.add(key)
 
 
@@ -170,7 +182,8 @@ class _Block(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, out, *state = ctx.saved_tensors
-        return (*ctx.engine.backward(do.contiguous(), q, k, v, out, tuple(state), ctx.scale), None, None)
+        grad = torch.empty_like(out).copy_(do)  # the output's layout, as the split's backward passes it
+        return (*ctx.engine.backward(grad, q, k, v, out, tuple(state), ctx.scale), None, None)
 
 
 def _side_streams(device):
@@ -209,31 +222,45 @@ def _rows(t, sample, start, length):
     return t[b, :, start:start + length]
 
 
-def _bucketed(t, sample, start, length):
-    """The block's rows extended to ``bucket(length)``, contiguous (the layout ``warm_up`` built graphs for):
-    the next tokens, or zeros at the sequence's end."""
-    size = bucket(length)
+def _dense(t):
+    """``t`` when its layout is dense (B, H, N, D) or (B, N, H, D), else a contiguous copy: blocks are views of
+    it, and ``warm_up`` rebuilds its strides."""
+    return t if t.is_contiguous() or t.transpose(1, 2).is_contiguous() else t.contiguous()
+
+
+def _block(t, sample, start, length):
+    """The block's rows extended to ``block_size``, as a view of ``t`` (the next tokens), or, where the sequence
+    ends first, a copy in a buffer of t's strides with zeros on the extra rows: either way the strides of t,
+    the layout ``warm_up`` built graphs for."""
+    size = block_size(length, t.shape[2])
     if start + size <= t.shape[2]:
-        return _rows(t, sample, start, size).contiguous()
-    return torch.nn.functional.pad(_rows(t, sample, start, length), (0, 0, 0, size - length))
+        return _rows(t, sample, start, size)
+    tail = _rows(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device), sample, 0, size)
+    tail[:, :, :length].copy_(_rows(t, sample, start, length))
+    tail[:, :, length:].zero_()
+    return tail
 
 
-def _padded(t, sample, start, length):
-    """A contiguous copy of the block's rows, zero on the extra rows: for the output gradient (so that the extra
-    rows pass no gradient) and the output (so that both have one layout)."""
-    return torch.nn.functional.pad(_rows(t, sample, start, length), (0, 0, 0, bucket(length) - length))
+def _block_grad(do, out, sample, start, length):
+    """The output gradient of a block in the layout of its output ``out``: the document's rows, zeros on the
+    extra rows (so that they pass no gradient)."""
+    grad = torch.empty_like(out)
+    grad[:, :, :length].copy_(_rows(do, sample, start, length))
+    grad[:, :, length:].zero_()
+    return grad
 
 
 class _SplitAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, split, scale, engine):
         from bbm.kernels.op import forward_pass, kernel_inputs  # imported lazily: CPU users never load Triton
-        warm_up(q, k, split, scale, engine)
+        q, k, v = (_dense(t) for t in (q, k, v))
+        warm_up(q, k, v, split, scale, engine)
         streams = _Streams(q.device)
         pieces, states = [], []
         for i, span in enumerate(split.blocks):  # the blocks first, so the residual overlaps them
             with streams.on(i):
-                o, state = engine.forward(*(_bucketed(t, *span) for t in (q, k, v)), scale)
+                o, state = engine.forward(*(_block(t, *span) for t in (q, k, v)), scale)
             pieces.append(o)
             states.append(state)
         residual = ()
@@ -241,7 +268,7 @@ class _SplitAttention(torch.autograd.Function):
             kq, kk, kv, meta, tensors, _ = kernel_inputs(q, k, v, split.residual)
             ctx.busy = (split.busy_tiles(meta.block_m), split.busy_tiles(meta.block_n))
             out, lse = forward_pass(kq, kk, kv, tensors, scale, [], ctx.busy)
-            residual = (kq, kk, kv, lse, *tensors)
+            residual = (out, kq, kk, kv, lse, *tensors)  # the Triton backward reads the whole output
         else:
             out = torch.empty_like(q)
         streams.join(*pieces)
@@ -249,26 +276,28 @@ class _SplitAttention(torch.autograd.Function):
             _rows(out, *span).copy_(o[:, :, :span[2]])
         ctx.split, ctx.scale, ctx.engine = split, scale, engine
         ctx.state_sizes = [len(s) for s in states]
-        ctx.save_for_backward(q, k, v, out, *[t for s in states for t in s], *residual)
+        # each block keeps its own output (the layout its backward graph was built for)
+        ctx.save_for_backward(q, k, v, *pieces, *[t for s in states for t in s], *residual)
         return out
 
     @staticmethod
     def backward(ctx, do):
         from bbm.kernels.op import backward_pass
-        q, k, v, out, *rest = ctx.saved_tensors
         split = ctx.split
+        q, k, v, *rest = ctx.saved_tensors
+        pieces, rest = rest[:len(split.blocks)], rest[len(split.blocks):]
         states, at = [], 0
         for size in ctx.state_sizes:
             states.append(tuple(rest[at:at + size]))
             at += size
         streams = _Streams(q.device)
         grads = []
-        for i, (span, state) in enumerate(zip(split.blocks, states)):
+        for i, (span, o, state) in enumerate(zip(split.blocks, pieces, states)):
             with streams.on(i):
-                grads.append(ctx.engine.backward(_padded(do, *span), *(_bucketed(t, *span) for t in (q, k, v)),
-                                                 _padded(out, *span), state, ctx.scale))
+                grads.append(ctx.engine.backward(_block_grad(do, o, *span), *(_block(t, *span) for t in (q, k, v)),
+                                                 o, state, ctx.scale))
         if split.residual is not None:
-            kq, kk, kv, lse, *tensors = rest[at:]
+            out, kq, kk, kv, lse, *tensors = rest[at:]
             dq, dk, dv = backward_pass(do, kq, kk, kv, out, lse, tensors, ctx.scale, [], ctx.busy)
         else:
             dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

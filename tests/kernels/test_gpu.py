@@ -42,7 +42,7 @@ def test_deterministic_backward():
     mask = bbm.Mask.from_documents(random_doc_ids(1, 3000, 7, generator=torch.Generator().manual_seed(1), device=CUDA))
     q, k, v = qkv(1, 8, 2, 3000, 3000, 128, torch.bfloat16, CUDA)
     g = torch.randn_like(q)
-    runs = [torch.autograd.grad(bbm.attention(q, k, v, mask), (q, k, v), g) for _ in range(3)]
+    runs = [torch.autograd.grad(bbm.attention(q, k, v, mask, backend="triton"), (q, k, v), g) for _ in range(3)]
     for other in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
 
@@ -109,6 +109,27 @@ def test_split_warm_up_runs_backward_on_the_backward_thread_gpu():
     Recording.phase = "real"
     out.backward(torch.randn_like(out))
     assert len(threads["warm"]) == 1 and threads["warm"] == threads["real"], threads
+
+
+def test_auto_splits_long_documents_unless_deterministic_gpu():
+    """auto: a causal document mask with a long document -> split, where cuDNN takes the inputs and
+    deterministic algorithms are off; otherwise the (deterministic) Triton kernels."""
+    doc = torch.zeros(1, 6000, dtype=torch.int32, device=CUDA)
+    doc[:, 3000:] = 1
+    mask = bbm.Mask.from_documents(doc)
+    q, k, v = qkv(1, 8, 4, 6000, 6000, 128, torch.bfloat16, CUDA)
+    assert bbm.choose_backend(q, mask) == "split"
+    assert bbm.choose_backend(q.float(), mask) == "triton"
+    assert bbm.choose_backend(q, bbm.Mask.from_documents(doc, window=500)) == "triton"
+    short = bbm.Mask.from_documents(torch.arange(6000, device=CUDA).view(1, -1) // 1000)
+    assert bbm.choose_backend(q, short) == "triton"
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        assert bbm.choose_backend(q, mask) == "triton"
+    finally:
+        torch.use_deterministic_algorithms(False)
+    torch.testing.assert_close(bbm.attention(q, k, v, mask), bbm.attention(q, k, v, mask, backend="triton"),
+                               rtol=2e-2, atol=2e-2)
 
 
 def test_split_backend_gpu():

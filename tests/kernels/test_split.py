@@ -115,7 +115,8 @@ def test_bucket_sizes():
 
 
 def test_split_runs_blocks_at_bucket_lengths():
-    """Blocks extended into the next documents (in the sequence) and zero-padded (at its end)."""
+    """Blocks extended into the next documents (views of q, k, v) and, at the sequence's end, zero-padded in a
+    buffer of the same strides; no block runs longer than the sequence."""
     doc = torch.tensor([[0] * 25 + [1] * 3 + [2] * 40 + [3] * 2 + [4] * 80])
     mask = bbm.Mask.from_documents(doc)
     s = split.plan(mask, min_block=20)
@@ -124,8 +125,27 @@ def test_split_runs_blocks_at_bucket_lengths():
     Float64Blocks.lengths = []
     check_against_dense(*qkv(1, 2, 1, 150, 150, 16, torch.float32), mask,
                         run=lambda q, k, v: split.split_attention(q, k, v, s, 0.3, Float64Blocks))
-    # the first call warms every size a block of 20-150 tokens can take, then runs the blocks
-    assert Float64Blocks.lengths == [64, 128, 192, 128, 64, 64]
+    # the first call warms every size a block of 20-150 tokens can take (192 -> 150), then runs the blocks
+    assert Float64Blocks.lengths == [64, 128, 150, 128, 64, 64]
     Float64Blocks.lengths = []
     split.split_attention(*qkv(1, 2, 1, 150, 150, 16, torch.float32), s, 0.3, Float64Blocks)
     assert Float64Blocks.lengths == [128, 64, 64]
+
+
+def test_block_sizes_stop_at_the_sequence():
+    assert split.block_sizes(20, 150) == [64, 128, 150] and split.block_size(80, 150) == 128
+    assert split.block_sizes(2897, 32768) == split.bucket_sizes(2897, 32768)
+    assert split.block_size(1000, 1000) == 1000 and split.block_sizes(1, 1) == [1]
+
+
+def test_split_of_a_strided_view():
+    """q, k, v that are neither (B, H, N, D) nor (B, N, H, D) dense run through a contiguous copy."""
+    doc = torch.tensor([[0] * 40 + [1] * 9 + [2] * 21])
+    mask = bbm.Mask.from_documents(doc)
+    s = split.plan(mask, min_block=20)
+
+    def strided(q, k, v):
+        wide = [torch.cat([t, torch.zeros_like(t)], -1)[..., :t.shape[-1]] for t in (q, k, v)]
+        assert not any(t.is_contiguous() or t.transpose(1, 2).is_contiguous() for t in wide)
+        return split.split_attention(*wide, s, 0.3, Float64Blocks)
+    check_against_dense(*qkv(1, 2, 1, 70, 70, 16, torch.float32), mask, run=strided)
