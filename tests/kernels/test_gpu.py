@@ -111,25 +111,23 @@ def test_split_warm_up_runs_backward_on_the_backward_thread_gpu():
     assert len(threads["warm"]) == 1 and threads["warm"] == threads["real"], threads
 
 
-def test_auto_splits_long_documents_unless_deterministic_gpu():
-    """auto: a causal document mask with a long document -> split, where cuDNN takes the inputs and
-    deterministic algorithms are off; otherwise the (deterministic) Triton kernels."""
+def test_split_needs_inputs_cudnn_takes_gpu():
+    """The split is opt-in (auto keeps the Triton kernels) and refuses inputs cuDNN does not take or a
+    request for deterministic algorithms (cuDNN's backward is not bitwise reproducible)."""
     doc = torch.zeros(1, 6000, dtype=torch.int32, device=CUDA)
     doc[:, 3000:] = 1
     mask = bbm.Mask.from_documents(doc)
     q, k, v = qkv(1, 8, 4, 6000, 6000, 128, torch.bfloat16, CUDA)
-    assert bbm.choose_backend(q, mask) == "split"
-    assert bbm.choose_backend(q.float(), mask) == "triton"
-    assert bbm.choose_backend(q, bbm.Mask.from_documents(doc, window=500)) == "triton"
-    short = bbm.Mask.from_documents(torch.arange(6000, device=CUDA).view(1, -1) // 1000)
-    assert bbm.choose_backend(q, short) == "triton"
+    assert bbm.choose_backend(q, mask) == "triton" and bbm.split.supported(q)
+    with pytest.raises(ValueError, match="^q: expected inputs cuDNN attention takes"):
+        bbm.attention(q.float(), k.float(), v.float(), mask, backend="split")
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        assert bbm.choose_backend(q, mask) == "triton"
+        assert not bbm.split.supported(q)
+        with pytest.raises(ValueError, match="deterministic algorithms off"):
+            bbm.attention(q, k, v, mask, backend="split")
     finally:
         torch.use_deterministic_algorithms(False)
-    torch.testing.assert_close(bbm.attention(q, k, v, mask), bbm.attention(q, k, v, mask, backend="triton"),
-                               rtol=2e-2, atol=2e-2)
 
 
 def test_split_backend_gpu():
