@@ -1,9 +1,12 @@
 """``metrics.profile_steps: [first, last]``: those optimizer steps run under torch.profiler and leave, in
 ``<run dir>/profile``, a Chrome trace (chrome://tracing, Perfetto) and a table of the operators by device time
 (or CPU time without a GPU), one of each per rank. On a GPU the table starts with the step's kernel time by
-kind (attention, matmuls, optimizer, ...). Profiled steps run slower: their throughput is not the run's."""
+kind (attention, matmuls, optimizer, ...) and how much of the steps' wall time the GPU was busy (the rest it
+waited for the host). Profiled steps run slower: their throughput is not the run's."""
+import json
 import os
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -41,6 +44,24 @@ def kernel_breakdown(kernels, steps: int) -> str:
     return "\n".join(lines)
 
 
+def gpu_busy_us(trace_events) -> float:
+    """Microseconds during which at least one kernel, copy or memset ran, from a Chrome trace's events
+    (overlapping ones, e.g. on several streams, count once)."""
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in trace_events
+                   if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e)
+    busy, reach = 0.0, float("-inf")
+    for start, end in spans:
+        if end > reach:
+            busy += end - max(start, reach)
+            reach = end
+    return busy
+
+
+def busy_line(busy_us: float, wall_us: float, steps: int) -> str:
+    return (f"GPU busy {busy_us / steps / 1e3:.1f} ms of {wall_us / steps / 1e3:.1f} ms wall per step "
+            f"({100 * busy_us / wall_us:.1f}%; the rest it waited for the host)")
+
+
 class StepProfiler:
     def __init__(self, steps, run_dir, rank: int, device):
         self.first, self.last = steps if steps else (None, None)
@@ -55,6 +76,7 @@ class StepProfiler:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
             self.active = profile(activities=activities, record_shapes=True)
             self.active.start()
+            self.started = time.perf_counter()
 
     def after_step(self, step: int):
         """Called after step ``step``: the last profiled one writes the trace and the table."""
@@ -62,6 +84,7 @@ class StepProfiler:
             return
         if self.cuda:
             torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - self.started) * 1e6
         prof, self.active = self.active, None
         prof.stop()
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -73,8 +96,10 @@ class StepProfiler:
         averages = prof.key_averages()
         head = f"steps {self.first}-{self.last}, sorted by {sort}\n"
         if self.cuda:
+            steps = self.last - self.first + 1
             kernels = [(a.key, a.self_device_time_total) for a in averages if a.device_type == DeviceType.CUDA]
-            head += kernel_breakdown(kernels, self.last - self.first + 1) + "\n"
+            busy = gpu_busy_us(json.loads(trace.read_text())["traceEvents"])
+            head += kernel_breakdown(kernels, steps) + "\n" + busy_line(busy, wall_us, steps) + "\n"
         table = averages.table(sort_by=sort, row_limit=40, max_name_column_width=70)
         write_atomic(self.dir / f"ops_rank{self.rank}.txt", f"{head}{table}\n")
 

@@ -106,3 +106,14 @@ def test_profile_kernel_breakdown():
                                  "  attention                      2.0 ms   40.0%",
                                  "  matmul                         2.0 ms   40.0%",
                                  f"  {OTHER:<24}       1.0 ms   20.0%"]
+
+
+def test_gpu_busy_time_counts_overlapping_kernels_once():
+    from bbm.train.profiling import busy_line, gpu_busy_us
+    events = [{"cat": "kernel", "ts": 0.0, "dur": 10.0}, {"cat": "kernel", "ts": 5.0, "dur": 10.0},  # overlap: 0-15
+              {"cat": "kernel", "ts": 6.0, "dur": 2.0},  # inside
+              {"cat": "gpu_memcpy", "ts": 20.0, "dur": 5.0}, {"cat": "cpu_op", "ts": 0.0, "dur": 100.0},
+              {"cat": "gpu_memset", "ts": 25.0, "dur": 1.0}, {"cat": "ac2g", "ts": 30.0}]  # touching: 20-26
+    assert gpu_busy_us(events) == 21.0 and gpu_busy_us([]) == 0.0
+    assert busy_line(21000.0, 42000.0, 2) == ("GPU busy 10.5 ms of 21.0 ms wall per step (50.0%; the rest it waited "
+                                              "for the host)")
