@@ -1,9 +1,10 @@
-"""Tile metadata of a structured (ranges) mask in two Triton launches, for the GPU.
+"""Tile metadata of a structured (ranges) mask in three Triton launches, for the GPU.
 
 The same classification as ``bbm.masks.blocks.ranges_meta`` (vectorised PyTorch, ~100 small ops):
 ``classify_kernel`` classifies one row of tiles per program from the row intervals' bounds and
 compacts it (full first, then partial, then -1); ``compact_kernel`` compacts one column per program
-into the transposed lists. Called by ``ranges_meta`` on CUDA tensors.
+into the transposed lists; ``order_kernel`` ranks the query and the key tiles heaviest first (what
+``heaviest_first``'s two stable sorts give). Called by ``ranges_meta`` on CUDA tensors.
 """
 import torch
 import triton
@@ -85,22 +86,53 @@ def compact_kernel(CLASSES, K_COUNT_FULL, K_COUNT, K_IDX, num_m, num_n, CHUNK: t
              K_COUNT_FULL + line, K_COUNT + line, CHUNK)
 
 
+@triton.jit
+def _order(COUNT, ORDER, length, chunk, CHUNK: tl.constexpr):
+    """ORDER[rank of i] = i for CHUNK entries i of COUNT (counts >= 0), the rank being the number of entries
+    heavier than i or as heavy and before it."""
+    offs = tl.arange(0, CHUNK)
+    i = chunk * CHUNK + offs
+    mine = tl.load(COUNT + i, mask=i < length, other=0)
+    rank = tl.zeros([CHUNK], dtype=tl.int32)
+    for start in range(0, length, CHUNK):
+        j = start + offs
+        other = tl.load(COUNT + j, mask=j < length, other=-1)  # past the end: lighter than any count
+        before = (other[None, :] > mine[:, None]) | ((other[None, :] == mine[:, None]) & (j[None, :] < i[:, None]))
+        rank += tl.sum(before.to(tl.int32), 1)
+    tl.store(ORDER + rank, i, mask=i < length)
+
+
+@triton.jit
+def order_kernel(Q_COUNT, Q_ORDER, lines_q, K_COUNT, K_ORDER, lines_k, q_programs, CHUNK: tl.constexpr):
+    """Heaviest first: the first q_programs programs rank the query tiles, the others the key tiles."""
+    pid = tl.program_id(0)
+    if pid < q_programs:
+        _order(Q_COUNT, Q_ORDER, lines_q, pid, CHUNK)
+    else:
+        _order(K_COUNT, K_ORDER, lines_k, pid - q_programs, CHUNK)
+
+
 def ranges_lists(ranges: torch.Tensor, n_k: int, block_m: int, block_n: int):
     """-> classes int8 (Bm, 1, num_m, num_n), then (count_full, count, idx) per query tile and per key
-    tile, int32, laid out as documented in bbm.masks.blocks."""
+    tile, int32, laid out as documented in bbm.masks.blocks, then the heaviest-first orders of the query
+    and of the key tiles."""
     bm_, _, n_q = ranges.shape
     num_m, num_n = -(-n_q // block_m), -(-n_k // block_n)
     lines_q, lines_k = bm_ * num_m, bm_ * num_n
-    flat = torch.empty(2 * lines_q + 2 * lines_k + 2 * lines_q * num_n, dtype=torch.int32, device=ranges.device)
-    sizes = [lines_q, lines_q, lines_q * num_n, lines_k, lines_k, lines_k * num_m]
-    qf, qc, qi, kf, kc, ki = flat.split(sizes)
+    flat = torch.empty(3 * lines_q + 3 * lines_k + 2 * lines_q * num_n, dtype=torch.int32, device=ranges.device)
+    sizes = [lines_q, lines_q, lines_q * num_n, lines_k, lines_k, lines_k * num_m, lines_q, lines_k]
+    qf, qc, qi, kf, kc, ki, q_order, k_order = flat.split(sizes)
     classes = torch.empty(bm_, 1, num_m, num_n, dtype=torch.int8, device=ranges.device)
     chunk = min(1024, triton.next_power_of_2(max(num_m, num_n)))
     classify_kernel[(lines_q,)](ranges, classes, qf, qc, qi, n_q, n_k, num_m, num_n, BLOCK_M=block_m,
                                 BLOCK_N=block_n, ROWS=triton.next_power_of_2(block_m), CHUNK=chunk)
     compact_kernel[(lines_k,)](classes, kf, kc, ki, num_m, num_n, CHUNK=chunk)
+    rank = 64  # entries ranked per program
+    q_programs = -(-lines_q // rank)
+    order_kernel[(q_programs + -(-lines_k // rank),)](qc, q_order, lines_q, kc, k_order, lines_k, q_programs,
+                                                     CHUNK=rank)
     return (classes, qf.view(bm_, 1, num_m), qc.view(bm_, 1, num_m), qi.view(bm_, 1, num_m, num_n),
-            kf.view(bm_, 1, num_n), kc.view(bm_, 1, num_n), ki.view(bm_, 1, num_n, num_m))
+            kf.view(bm_, 1, num_n), kc.view(bm_, 1, num_n), ki.view(bm_, 1, num_n, num_m), q_order, k_order)
 
 
 @triton.jit

@@ -20,7 +20,7 @@ Layout of :class:`BlockMeta` (``Bm`` is 1 or the batch, ``Hm`` is 1 or the numbe
   ``(b, n)`` by decreasing ``k_count`` summed over the mask's heads. Kernels start the heaviest tiles
   first so the light ones fill the tail.
 
-On CUDA, structured masks are classified and compacted by two Triton launches
+On CUDA, structured masks are classified, compacted and ordered by three Triton launches
 (``bbm.kernels.meta``); the result is identical to the PyTorch code below, which runs elsewhere.
 
 "Full" means every in-bounds pair of the tile is allowed; keys past ``Nk`` in the last key tile are never
@@ -89,13 +89,14 @@ def heaviest_first(counts: torch.Tensor) -> torch.Tensor:
 
 
 def _build(classes: torch.Tensor, block_m: int, block_n: int, lists=None, **extra) -> BlockMeta:
-    """lists: (q_count_full, q_count, q_idx, k_count_full, k_count, k_idx) when already compacted."""
+    """lists: (q_count_full, q_count, q_idx, k_count_full, k_count, k_idx[, q_order, k_order]) when already
+    compacted (and ordered)."""
     classes = classes.to(torch.int8)
     if lists is None:
         lists = compact(classes) + compact(classes.transpose(-1, -2))
-    qf, qc, qi, kf, kc, ki = lists
-    return BlockMeta(block_m, block_n, classes.shape[-2], classes.shape[-1], classes,
-                     qf, qc, qi, kf, kc, ki, heaviest_first(qc), heaviest_first(kc.sum(1)), **extra)
+    if len(lists) == 6:
+        lists = (*lists, heaviest_first(lists[1]), heaviest_first(lists[4].sum(1)))
+    return BlockMeta(block_m, block_n, classes.shape[-2], classes.shape[-1], classes, *lists, **extra)
 
 
 def _tile_reduce(x: torch.Tensor, n: int, block: int, fill: int, op: str) -> torch.Tensor:

@@ -9,7 +9,7 @@ from bbm.kernels.meta import ranges_lists
 from bbm.masks.blocks import ranges_meta
 from bbm.testing import random_doc_ids
 
-NAMES = ("classes", "q_count_full", "q_count", "q_idx", "k_count_full", "k_count", "k_idx")
+NAMES = ("classes", "q_count_full", "q_count", "q_idx", "k_count_full", "k_count", "k_idx", "q_order", "k_order")
 
 
 @pytest.mark.parametrize("bm,bn", [(16, 16), (32, 64), (64, 32)])
@@ -17,11 +17,14 @@ def test_triton_metadata_equals_pytorch(bm, bn):
     g = torch.Generator().manual_seed(bm * bn)
     masks = [bbm.Mask.from_documents(random_doc_ids(2, 203, 9, generator=g)),
              bbm.Mask.from_documents(random_doc_ids(1, 150, 4, generator=g), window=13),
-             bbm.Mask.causal(100, 170), bbm.Mask.global_tokens(140, 5, 12), bbm.Mask.prefix_lm(150, 45)]
+             bbm.Mask.causal(100, 170), bbm.Mask.global_tokens(140, 5, 12), bbm.Mask.prefix_lm(150, 45),
+             bbm.Mask.from_documents(random_doc_ids(2, 1100, 30, generator=g))]  # > 64 tiles to rank: several programs
     for mask in masks:
         want = ranges_meta(mask.ranges, mask.n_k, bm, bn)
-        for name, got in zip(NAMES, ranges_lists(mask.ranges, mask.n_k, bm, bn)):
-            assert torch.equal(getattr(want, name).to(got.dtype), got), name
+        got = ranges_lists(mask.ranges, mask.n_k, bm, bn)
+        assert len(got) == len(NAMES)
+        for name, value in zip(NAMES, got):
+            assert torch.equal(getattr(want, name).to(value.dtype), value), name
 
 
 def test_heaviest_first_order():
