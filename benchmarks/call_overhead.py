@@ -1,17 +1,21 @@
 """Per-call CPU cost of bbm.attention vs compiled FlexAttention, beside their GPU-only time.
 
     python benchmarks/call_overhead.py
+    python benchmarks/call_overhead.py --mask docs4 --size 32768 --heads 8 --kv-heads 4   # the 350M preset's shape
 
-A 16k causal sliding-window mask (window 1024), bf16, B=1, H=16, D=128 on CUDA. "cpu per call": 50 calls issued
+By default a 16k causal sliding-window mask (window 1024), bf16, B=1, H=16, D=128 on CUDA; for a document mask
+the document split (``backend="split"``) is timed too. "cpu per call": 50 calls issued
 back to back, timed before the synchronize; "wall per call": the same including it; "gpu-only per call": 20
 calls queued behind a long sleep kernel, so the CPU runs ahead and only the GPU time is measured. A small mask
 makes the GPU work short enough for per-call CPU cost to show.
 """
+import argparse
 import time
 
 import torch
 
 import bbm
+from bbm import split
 from attention_masks import build
 from common import environment
 
@@ -38,16 +42,26 @@ def per_call(fn):
 
 def main():
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mask", default="window")
+    ap.add_argument("--size", type=int, default=16384)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=16)
+    args = ap.parse_args()
     dev = torch.device("cuda")
-    make, mask_mod, n, _ = build("window", 16384, dev)
+    make, mask_mod, n, _ = build(args.mask, args.size, dev)
     mask = make()
     g = torch.Generator(device=dev).manual_seed(0)
-    q, k, v = (torch.randn(1, 16, n, 128, device=dev, dtype=torch.bfloat16, generator=g).requires_grad_()
-               for _ in range(3))
+    q, k, v = (torch.randn(1, heads, n, 128, device=dev, dtype=torch.bfloat16, generator=g).requires_grad_()
+               for heads in (args.heads, args.kv_heads, args.kv_heads))
     grad = torch.randn_like(q)
     block_mask = create_block_mask(mask_mod, None, None, n, n, device=dev)
     flex = torch.compile(flex_attention, dynamic=False)
-    runs = {"bbm": lambda: bbm.attention(q, k, v, mask), "flex": lambda: flex(q, k, v, block_mask=block_mask)}
+    gqa = args.heads != args.kv_heads
+    runs = {"bbm": lambda: bbm.attention(q, k, v, mask),
+            "flex": lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)}
+    if split.supported(q) and split.plan_for(q, mask) is not None:
+        runs["bbm split"] = lambda: bbm.attention(q, k, v, mask, backend="split")
     print(environment(dev))
     for name, fn in runs.items():
         for what, call in (("fwd", fn), ("f+b", lambda fn=fn: torch.autograd.grad(fn(), (q, k, v), grad))):
