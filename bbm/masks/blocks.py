@@ -88,15 +88,17 @@ def heaviest_first(counts: torch.Tensor) -> torch.Tensor:
     return torch.sort(counts.flatten(), descending=True, stable=True).indices.to(torch.int32)
 
 
-def _build(classes: torch.Tensor, block_m: int, block_n: int, lists=None, **extra) -> BlockMeta:
-    """lists: (q_count_full, q_count, q_idx, k_count_full, k_count, k_idx[, q_order, k_order]) when already
-    compacted (and ordered)."""
+def _build(classes: torch.Tensor, block_m: int, block_n: int, lists=None, orders=None,
+           **extra) -> BlockMeta:
+    """lists: (q_count_full, q_count, q_idx, k_count_full, k_count, k_idx) when already compacted; orders:
+    (q_order, k_order) when already ranked."""
     classes = classes.to(torch.int8)
     if lists is None:
         lists = compact(classes) + compact(classes.transpose(-1, -2))
-    if len(lists) == 6:
-        lists = (*lists, heaviest_first(lists[1]), heaviest_first(lists[4].sum(1)))
-    return BlockMeta(block_m, block_n, classes.shape[-2], classes.shape[-1], classes, *lists, **extra)
+    qf, qc, qi, kf, kc, ki = lists
+    q_order, k_order = orders if orders is not None else (heaviest_first(qc), heaviest_first(kc.sum(1)))
+    return BlockMeta(block_m, block_n, classes.shape[-2], classes.shape[-1], classes,
+                     qf, qc, qi, kf, kc, ki, q_order, k_order, **extra)
 
 
 def _tile_reduce(x: torch.Tensor, n: int, block: int, fill: int, op: str) -> torch.Tensor:
@@ -118,8 +120,8 @@ def ranges_meta(ranges: torch.Tensor, n_k: int, block_m: int, block_n: int) -> B
     """
     if ranges.is_cuda:
         from bbm.kernels.meta import ranges_lists  # imported lazily: CPU users never load Triton
-        classes, *lists = ranges_lists(ranges, n_k, block_m, block_n)
-        return _build(classes, block_m, block_n, lists, ranges=ranges)
+        classes, *lists, q_order, k_order = ranges_lists(ranges, n_k, block_m, block_n)
+        return _build(classes, block_m, block_n, lists, (q_order, k_order), ranges=ranges)
     n_q = ranges.shape[-1]
     big = 2**31 - 1
     num_n = -(-n_k // block_n)
