@@ -236,18 +236,20 @@ def _block(t, sample, start, length):
     if start + size <= t.shape[2]:
         return _rows(t, sample, start, size)
     tail = _rows(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device), sample, 0, size)
-    tail[:, :, :length].copy_(_rows(t, sample, start, length))
-    tail[:, :, length:].zero_()
-    return tail
+    return _fill(tail, _rows(t, sample, start, length))
 
 
 def _block_grad(do, out, sample, start, length):
     """The output gradient of a block in the layout of its output ``out``: the document's rows, zeros on the
     extra rows (so that they pass no gradient)."""
-    grad = torch.empty_like(out)
-    grad[:, :, :length].copy_(_rows(do, sample, start, length))
-    grad[:, :, length:].zero_()
-    return grad
+    return _fill(torch.empty_like(out), _rows(do, sample, start, length))
+
+
+def _fill(block, rows):
+    """``block`` with ``rows`` as its first rows and zeros after them."""
+    block[:, :, :rows.shape[2]].copy_(rows)
+    block[:, :, rows.shape[2]:].zero_()
+    return block
 
 
 class _SplitAttention(torch.autograd.Function):
