@@ -13,11 +13,16 @@ def fsync_path(path: Path):
         os.close(fd)
 
 
+def temp_path(path: Path) -> Path:
+    """A hidden name beside ``path``, per process, to write under before renaming to ``path``."""
+    return path.with_name(f".{path.name}.tmp.{os.getpid()}")
+
+
 def write_atomic(path, data: Union[bytes, str]):
     """Replace ``path`` with ``data`` (str is written as UTF-8): a reader sees the old or the new file, never
-    a part of it. The temporary name is hidden and per process, so concurrent writers do not collide."""
+    a part of it. The temporary name (``temp_path``) is per process, so concurrent writers do not collide."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp = temp_path(path)
     with open(tmp, "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
         f.flush()

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from bbm._checks import fail
+from bbm._files import temp_path
 
 FORMAT = "bbm-tokens-v1"
 TOKENS, OFFSETS, META = "tokens.bin", "offsets.npy", "meta.json"
@@ -65,7 +66,7 @@ def write_dataset(path, tokens: np.ndarray, lengths: np.ndarray, *, vocab_size: 
     if lengths.sum() != len(tokens) or (lengths < 1).any():
         fail("lengths", f"positive document lengths summing to len(tokens)={len(tokens)}", int(lengths.sum()))
     key = hashlib.sha256(tokens.tobytes() + lengths.tobytes()).hexdigest()
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp = temp_path(path)
     tmp.mkdir(parents=True)
     try:
         tokens.tofile(tmp / TOKENS)

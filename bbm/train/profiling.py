@@ -13,7 +13,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from bbm._files import write_atomic
+from bbm._files import temp_path, write_atomic
 
 # Kernel kinds by name (PyTorch, cuBLAS, cuDNN, Triton, Inductor, NCCL); the first match wins.
 KINDS = (("attention", r"fwd_kernel|bwd_kernel|attn|attention|flash|fmha|sdpa|cudnn|triton_tem"),
@@ -69,6 +69,7 @@ class StepProfiler:
         self.rank = rank
         self.cuda = device.type == "cuda"
         self.active = None
+        self.started = None  # perf_counter() when the first profiled step began
 
     def before_step(self, step: int):
         """Called before optimizer step ``step`` (1-based) runs."""
@@ -89,7 +90,7 @@ class StepProfiler:
         prof.stop()
         self.dir.mkdir(parents=True, exist_ok=True)
         trace = self.dir / f"trace_rank{self.rank}.json"
-        partial = trace.with_name(f".{trace.name}.tmp.{os.getpid()}")
+        partial = temp_path(trace)
         prof.export_chrome_trace(str(partial))
         os.replace(partial, trace)
         sort = "self_device_time_total" if self.cuda else "self_cpu_time_total"
