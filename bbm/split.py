@@ -8,7 +8,7 @@ over the rest of the mask (the residual). The pieces fill disjoint rows of the o
 They are issued round-robin on a few CUDA streams, the residual on the caller's, so short documents'
 kernels run side by side instead of leaving the GPU half idle.
 
-cuDNN builds a graph per shape and strides (about 90 ms), so a block runs at its length rounded up to one of
+cuDNN builds a graph per shape and strides (a slow build), so a block runs at its length rounded up to one of
 16 sizes per octave (``bucket``), as a view of q, k and v (no copy; grouped K/V heads go in as they are):
 the extra rows are the next tokens (or, at the sequence's end, zeros in a buffer of the same strides). Being
 causal, the document's rows never see them, and their output is dropped and their gradient zeroed. The first
