@@ -2,6 +2,8 @@
 
 Validates, applies a mask's token reordering, and dispatches:
   * full or exactly causal masks on CUDA -> PyTorch SDPA (its fastest backend);
+  * causal document masks with a long document, where cuDNN takes the inputs -> the document split
+    (``bbm.split``: long documents on cuDNN, the rest on the Triton kernels);
   * other masks on CUDA -> the Triton block-sparse kernels;
   * CPU tensors -> the exact PyTorch reference that walks the same tile metadata.
 """
@@ -81,6 +83,8 @@ def choose_backend(q, mask: Optional[Mask]) -> str:
         return "reference"
     if mask is None or mask.exactly_causal:
         return "sdpa"
+    if not torch.compiler.is_compiling() and split.supported(q) and split.plan_for(q, mask) is not None:
+        return "split"  # (its plan reads the document list on the host: compiled graphs take the Triton op)
     return "triton"
 
 
@@ -106,8 +110,8 @@ def attention(q, k, v, mask: Optional[Mask] = None, *, scale: Optional[float] = 
     full attention. ``scale`` defaults to ``1/sqrt(D)``. A query with no allowed key outputs zeros and
     gets zero gradient. ``backend`` forces a path ("sdpa", "split", "triton", "reference"); "auto" picks the
     fastest exact one. "split" (CUDA) runs the long documents of a causal document mask as cuDNN attention and
-    the rest on the Triton kernels (see ``bbm.split``; opt-in: faster per call, not yet reliably so in
-    training); without a long document it is "triton". Differentiable in q, k and v."""
+    the rest on the Triton kernels (see ``bbm.split``); without a long document it is "triton". Differentiable
+    in q, k and v."""
     _validate(q, k, v, mask, scale, backend)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend == "auto":

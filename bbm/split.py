@@ -57,21 +57,23 @@ class Split:
 
 def plan(mask: Mask, min_block: int) -> Optional[Split]:
     """The split of a causal document mask, or None if it is not one or has no document of ``min_block`` tokens.
-    Built once per mask and threshold and cached on the mask (two device syncs: the document list goes to
-    the host)."""
+    Built once per mask and threshold and cached on the mask (one device sync: the document ids go to the
+    host, which decides the blocks)."""
     if mask.documents is None or not mask.documents_causal:
         return None
     key = ("split", min_block)
     if key not in mask._meta:
         doc = mask.documents
         rows, n = doc.shape
-        first = document_starts(doc).flatten().nonzero().squeeze(1)  # flat index of each document's first token
+        host = doc.cpu()
+        first = document_starts(host).flatten().nonzero().squeeze(1)  # flat index of each document's first token
         length = torch.diff(first, append=first.new_tensor([rows * n]))  # runs never cross rows: each row starts one
-        in_block = torch.repeat_interleave(length >= min_block, length, output_size=rows * n).view(rows, 1, n)
-        first, length = torch.stack([first, length]).cpu()  # the block list goes to the host
         long = length >= min_block
         covered = torch.repeat_interleave(long, length).view(rows, n)
-        residual = None if covered.all() else Mask(n_q=n, n_k=n, ranges=mask.ranges.masked_fill(in_block, 0))
+        residual = None
+        if not covered.all():  # the other documents keep their rows' key ranges; the blocks' rows get none
+            in_block = covered.to(doc.device, non_blocking=True).view(rows, 1, n)
+            residual = Mask(n_q=n, n_k=n, ranges=mask.ranges.masked_fill(in_block, 0))
         sample = (lambda f: f // n) if rows > 1 else (lambda f: None)
         spans = sorted(((sample(f), f % n, size) for f, size in zip(first[long].tolist(), length[long].tolist())),
                        key=lambda s: -s[2])
@@ -218,8 +220,8 @@ class _Streams:
 
 
 def _rows(t, sample, start, length):
-    b = slice(None) if sample is None else slice(sample, sample + 1)
-    return t[b, :, start:start + length]
+    t = t if sample is None else t.narrow(0, sample, 1)
+    return t.narrow(2, start, length)
 
 
 def _dense(t):

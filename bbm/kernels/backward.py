@@ -11,10 +11,11 @@ instead of seven, measured no faster on the H100: see benchmarks/NOTES_attention
 import triton
 import triton.language as tl
 
-from bbm.kernels.tiles import FULL, load_rows, load_vec, row_intervals, store_rows, tile_allowed, work_item
+from bbm.kernels.tiles import (FULL, launch_kernel, load_rows, load_vec, row_intervals, store_rows, tile_allowed,
+                               work_item)
 
 
-@triton.jit
+@launch_kernel
 def delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dn,
                  heads, n_q, D, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
     bh = tl.program_id(1)
@@ -158,7 +159,7 @@ def _dq_program(pid, Q, K, V, DO, LSE, DELTA, DQ, Q_COUNT_FULL, Q_COUNT, Q_IDX, 
     store_rows(DQ + b.to(tl.int64) * stride_qb + h * stride_qh, dq * scale, rows, offs_d, stride_qn, n_q, D, EVEN_M, EVEN_D)
 
 
-@triton.jit
+@launch_kernel
 def bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, Q_COUNT_FULL, Q_COUNT, Q_IDX, Q_ORDER,
                K_COUNT_FULL, K_COUNT, K_IDX, K_ORDER, INTERVALS, TILE_BITS, BITS_INDEX,
                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,

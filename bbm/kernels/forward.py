@@ -4,7 +4,7 @@ with no allowed key) for the backward pass."""
 import triton
 import triton.language as tl
 
-from bbm.kernels.tiles import EDGE, FULL, load_rows, row_intervals, store_rows, tile_allowed, work_item
+from bbm.kernels.tiles import EDGE, FULL, launch_kernel, load_rows, row_intervals, store_rows, tile_allowed, work_item
 
 
 @triton.jit
@@ -37,7 +37,7 @@ def _fwd_loop(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, idx, bits, b
     return acc, l_i, m_i
 
 
-@triton.jit
+@launch_kernel
 def fwd_kernel(Q, K, V, O, LSE, Q_COUNT_FULL, Q_COUNT, Q_IDX, Q_ORDER, INTERVALS, TILE_BITS, BITS_INDEX,
                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from bbm.kernels.tiles import launch_kernel
+
 
 @triton.jit
 def _place(cls_ptr, stride, length, idx_ptr, first, value, CHUNK: tl.constexpr):
@@ -51,7 +53,7 @@ def _bounds(ranges, rows, valid, n_q, j: tl.constexpr):
     return lo_min, hi_max, lo_max, hi_min
 
 
-@triton.jit
+@launch_kernel
 def classify_kernel(RANGES, CLASSES, Q_COUNT_FULL, Q_COUNT, Q_IDX, n_q, n_k, num_m, num_n,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr):
     line = tl.program_id(0)  # (mask sample, query tile)
@@ -77,7 +79,7 @@ def classify_kernel(RANGES, CLASSES, Q_COUNT_FULL, Q_COUNT, Q_IDX, n_q, n_k, num
     _compact(cls_row, 1, num_n, Q_IDX + line.to(tl.int64) * num_n, Q_COUNT_FULL + line, Q_COUNT + line, CHUNK)
 
 
-@triton.jit
+@launch_kernel
 def compact_kernel(CLASSES, K_COUNT_FULL, K_COUNT, K_IDX, num_m, num_n, CHUNK: tl.constexpr):
     line = tl.program_id(0)  # (mask sample, key tile)
     bm = line // num_n
@@ -102,7 +104,7 @@ def _order(COUNT, ORDER, length, chunk, CHUNK: tl.constexpr):
     tl.store(ORDER + rank, i, mask=i < length)
 
 
-@triton.jit
+@launch_kernel
 def order_kernel(Q_COUNT, Q_ORDER, lines_q, K_COUNT, K_ORDER, lines_k, q_programs, CHUNK: tl.constexpr):
     """Heaviest first: the first q_programs programs rank the query tiles, the others the key tiles."""
     pid = tl.program_id(0)
@@ -140,7 +142,7 @@ def _max(a, b):
     return tl.maximum(a, b)
 
 
-@triton.jit
+@launch_kernel
 def document_ranges_kernel(DOC, RANGES, n, window, CHUNK: tl.constexpr):
     """Causal document ranges of one sample per program: lo = max(doc start, q - window + 1), hi = q + 1."""
     b = tl.program_id(0).to(tl.int64)

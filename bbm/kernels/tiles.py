@@ -7,10 +7,24 @@ Modes of a visited tile (a constexpr of every loop):
          per-query intervals [lo0, lo0 + len0) and [lo1, lo1 + len1);
   BITS   a partial tile of an arbitrary mask: the element mask is unpacked from its bit-packed tile.
 """
+import inspect
+
 import triton
 import triton.language as tl
 
 FULL, EDGE, RANGES, BITS = (tl.constexpr(i) for i in range(4))  # constexpr: jit code reads them
+
+# Sizes that change with the sequence or the mask (lengths, tile counts, tiles with work). Triton compiles a
+# variant of a kernel per value class of each integer argument (1, a multiple of 16, other) unless told not to:
+# a training run would compile again in whichever step first met a new class (seconds per kernel).
+SIZE_ARGS = ("n", "n_q", "n_k", "NUM_M", "NUM_N", "num_m", "num_n", "n_items", "n_q_items", "n_k_items", "n_dkdv",
+             "lines_q", "lines_k", "q_programs")
+
+
+def launch_kernel(fn):
+    """``triton.jit`` for a kernel the host launches: no specialisation on the size arguments it has."""
+    names = inspect.signature(fn).parameters
+    return triton.jit(fn, do_not_specialize=[name for name in SIZE_ARGS if name in names])
 
 
 @triton.jit

@@ -42,9 +42,10 @@ class BatchMask:
         return self.mask.density
 
 
-def build_mask(doc_ids, backend: str, bbm_backend: str = "auto") -> BatchMask:
+def build_mask(doc_ids, backend: str, bbm_backend: str = "auto", check: bool = True) -> BatchMask:
     """The attention mask of one micro-batch: ``doc_ids`` int ``(B, N)``, a run of equal ids is one document.
-    ``bbm_backend`` is the path ``bbm.attention`` takes for backend ``bbm``."""
+    ``bbm_backend`` is the path ``bbm.attention`` takes for backend ``bbm``. ``check`` verifies that each id is
+    one run (a device sync; the packed loader's ids are by construction)."""
     check_tensor("doc_ids", doc_ids, ndim=2, dtype_kind="int")
     if backend not in ATTENTION_BACKENDS:
         fail("backend", f"one of {ATTENTION_BACKENDS}", repr(backend))
@@ -52,7 +53,7 @@ def build_mask(doc_ids, backend: str, bbm_backend: str = "auto") -> BatchMask:
     if backend == "sdpa_causal":
         _warn_causal_once()
         return BatchMask(backend, b, bbm.Mask.causal(n, device=doc_ids.device))
-    mask = bbm.Mask.from_documents(doc_ids)
+    mask = bbm.Mask.from_documents(doc_ids, check=check)
     if backend == "bbm":
         return BatchMask(backend, b, mask, bbm_backend=bbm_backend)
     if backend == "sdpa_masked":
