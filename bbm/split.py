@@ -18,6 +18,7 @@ first meets a document length.
 """
 import contextlib
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
@@ -33,7 +34,7 @@ from bbm.masks.mask import document_starts
 MIN_BLOCK, MIN_BLOCK_WIDTH = 2048, 16 * 128
 STREAMS = 4
 _streams = {}
-_warm = set()
+_warm = {}  # warm_up's layout key -> the threads whose cuDNN graph cache it filled
 
 
 @dataclass(frozen=True)
@@ -153,22 +154,32 @@ def split_attention(q, k, v, split: Split, scale: float, engine=CudnnBlocks) -> 
 def warm_up(q, k, v, split: Split, scale: float, engine=CudnnBlocks):
     """Runs ``engine`` forward and backward once at every block size a split of q's sequence can use, on random
     inputs of the blocks' layout (views of buffers with the strides of q, k and v); once per engine, layout,
-    dtype and scale. cuDNN keeps its graphs per thread, so the backward goes through autograd, which runs it on
-    the thread that will run the split's backward."""
+    dtype, scale and thread. cuDNN keeps its graphs per thread, so the backward goes through autograd, which runs
+    it on the thread that will run the split's backward. A later call on another thread (activation
+    checkpointing recomputes the forward on the backward's thread) runs the forwards only. The warm-up's tensors
+    are saved past any saved-tensor hooks: a checkpoint counts the tensors a forward saves, and only the first
+    forward warms up."""
     sample = 0 if split.blocks[0][0] is not None else None
     key = (engine, q.device, q.dtype, sample, q.shape, q.stride(), k.shape, k.stride(), v.stride(), split.min_block,
            scale)
-    if key in _warm:  # checked on every call: before any list is built
+    threads = _warm.setdefault(key, set())
+    if threading.get_ident() in threads:  # checked on every call: before any list is built
         return
     gen = torch.Generator(q.device).manual_seed(0)  # the run's random stream stays untouched
     buffers = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).normal_(generator=gen)
                for t in (q, k, v)]
-    with torch.enable_grad():
-        for size in block_sizes(split.min_block, q.shape[2]):
-            x = [_rows(t, sample, 0, size).detach().requires_grad_() for t in buffers]
-            out = _Block.apply(*x, scale, engine)
-            out.backward(torch.empty_like(out).normal_(generator=gen))
-    _warm.add(key)
+    sizes = block_sizes(split.min_block, q.shape[2])
+    if threads:  # the backward's graphs exist where autograd runs them
+        with torch.no_grad():
+            for size in sizes:
+                engine.forward(*(_rows(t, sample, 0, size) for t in buffers), scale)
+    else:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is):
+            for size in sizes:
+                x = [_rows(t, sample, 0, size).detach().requires_grad_() for t in buffers]
+                out = _Block.apply(*x, scale, engine)
+                out.backward(torch.empty_like(out).normal_(generator=gen))
+    threads.add(threading.get_ident())
 
 
 class _Block(torch.autograd.Function):
@@ -186,6 +197,10 @@ class _Block(torch.autograd.Function):
         q, k, v, out, *state = ctx.saved_tensors
         grad = torch.empty_like(out).copy_(do)  # the output's layout, as the split's backward passes it
         return (*ctx.engine.backward(grad, q, k, v, out, tuple(state), ctx.scale), None, None)
+
+
+def _as_is(t):
+    return t
 
 
 def _side_streams(device):

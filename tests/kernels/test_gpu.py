@@ -5,6 +5,7 @@ import threading
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 import bbm
 import bbm.split
@@ -113,6 +114,42 @@ def test_split_warm_up_runs_backward_on_the_backward_thread_gpu():
     Recording.phase = "real"
     out.backward(torch.randn_like(out))
     assert len(threads["warm"]) == 1 and threads["warm"] == threads["real"], threads
+
+
+def test_split_under_checkpointing_warms_the_recompute_thread_gpu(monkeypatch):
+    """Activation checkpointing recomputes the split's forward on the backward's thread, and cuDNN keeps graphs
+    per thread: every thread that runs a block's forward ran the warm-up's forward first."""
+    warming, warm, cold = [False], set(), []
+
+    class Recording(bbm.split.CudnnBlocks):
+        @staticmethod
+        def forward(*args):
+            me = threading.get_ident()
+            if warming[0]:
+                warm.add(me)
+            elif me not in warm:
+                cold.append(me)
+            return bbm.split.CudnnBlocks.forward(*args)
+
+    def watched(*args, real=bbm.split.warm_up):
+        warming[0] = True
+        try:
+            return real(*args)
+        finally:
+            warming[0] = False
+
+    monkeypatch.setattr(bbm.split, "warm_up", watched)
+    doc = torch.zeros(1, 3000, dtype=torch.int32, device=CUDA)
+    doc[:, 1200:] = 1
+    s = bbm.split.plan(bbm.Mask.from_documents(doc), 1000)
+    q, k, v = qkv(1, 4, 2, 3000, 3000, 64, torch.bfloat16, CUDA)
+    run = lambda q, k, v: bbm.split.split_attention(q, k, v, s, 0.125, Recording)
+    out = checkpoint(run, q, k, v, use_reentrant=False)
+    want = torch.autograd.grad(run(q, k, v), (q, k, v), out.detach())
+    got = torch.autograd.grad(out, (q, k, v), out.detach())
+    assert len(warm) == 2 and not cold, (warm, cold)
+    for a, b in zip(got, want):
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
 
 
 def test_split_needs_inputs_cudnn_takes_gpu():

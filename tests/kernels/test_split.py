@@ -1,8 +1,11 @@
 """Document masks split by document (bbm.split): the plan partitions the mask exactly, and the assembly of
 blocks and the Triton residual (interpreter) matches a float64 dense reference, outputs and gradients.
 The blocks run on a float64 engine here; cuDNN's runs in test_gpu.py."""
+import threading
+
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 import bbm
 from bbm import split
@@ -130,6 +133,54 @@ def test_split_runs_blocks_at_bucket_lengths():
     Float64Blocks.lengths = []
     split.split_attention(*qkv(1, 2, 1, 150, 150, 16, torch.float32), s, 0.3, Float64Blocks)
     assert Float64Blocks.lengths == [128, 64, 64]
+
+
+def test_split_under_activation_checkpointing():
+    """A checkpoint counts the tensors the forward saves and recomputes it in the backward; the warm-up runs in
+    the first forward only, so its own saves must not count. Gradients equal those without the checkpoint."""
+    doc = torch.tensor([[0] * 40 + [1] * 50 + [2] * 6])
+    s = split.plan(bbm.Mask.from_documents(doc), min_block=30)
+    assert s.residual is not None and len(s.blocks) == 2
+    q, k, v = (t.double().requires_grad_() for t in qkv(1, 2, 1, 96, 96, 16, torch.float32))
+    grad = torch.randn(1, 2, 96, 16, dtype=torch.float64)
+    run = lambda q, k, v: split.split_attention(q, k, v, s, 0.25, Float64Blocks)
+    split._warm.clear()
+    got = torch.autograd.grad(checkpoint(run, q, k, v, use_reentrant=False), (q, k, v), grad)
+    want = torch.autograd.grad(run(q, k, v), (q, k, v), grad)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_warm_up_on_another_thread_runs_the_forwards():
+    """cuDNN keeps graphs per thread: a thread that recomputes the forward (activation checkpointing, on the
+    autograd engine's thread) gets the forward graphs; the backward's were built where autograd runs them."""
+    calls = []
+
+    class Counting(Float64Blocks):
+        @staticmethod
+        def forward(q, k, v, scale):
+            calls.append(("fwd", threading.get_ident(), q.shape[2]))
+            return Float64Blocks.forward(q, k, v, scale)
+
+        @staticmethod
+        def backward(*args):
+            calls.append(("bwd", threading.get_ident(), args[1].shape[2]))
+            return Float64Blocks.backward(*args)
+
+    s = split.plan(bbm.Mask.from_documents(torch.tensor([[0] * 25 + [1] * 125])), min_block=20)
+    q, k, v = qkv(1, 2, 1, 150, 150, 16, torch.float32)
+    split._warm.clear()
+    split.warm_up(q, k, v, s, 0.3, Counting)
+    me = threading.get_ident()
+    assert calls == [(kind, me, size) for size in (64, 128, 150) for kind in ("fwd", "bwd")]
+    calls.clear()
+    other = threading.Thread(target=split.warm_up, args=(q, k, v, s, 0.3, Counting))
+    other.start()
+    other.join()
+    assert calls == [("fwd", other.ident, size) for size in (64, 128, 150)]
+    calls.clear()
+    split.warm_up(q, k, v, s, 0.3, Counting)
+    assert calls == []
 
 
 def test_block_sizes_stop_at_the_sequence():
