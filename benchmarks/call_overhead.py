@@ -3,11 +3,11 @@
     python benchmarks/call_overhead.py
     python benchmarks/call_overhead.py --mask docs4 --size 32768 --heads 8 --kv-heads 4   # the 350M preset's shape
 
-By default a 16k causal sliding-window mask (window 1024), bf16, B=1, H=16, D=128 on CUDA; for a document mask
-the document split (``backend="split"``) is timed too. "cpu per call": 50 calls issued
-back to back, timed before the synchronize; "wall per call": the same including it; "gpu-only per call": 20
-calls queued behind a long sleep kernel, so the CPU runs ahead and only the GPU time is measured. A small mask
-makes the GPU work short enough for per-call CPU cost to show.
+By default a 16k causal sliding-window mask (window 1024), bf16, B=1, H=16, D=128 on CUDA. "bbm" is the path
+``auto`` takes (the document split for document masks), and where that is not the Triton kernels, they are timed
+too. "cpu per call": 50 calls issued back to back, timed before the synchronize; "wall per call": the same
+including it; "gpu-only per call": 20 calls queued behind a long sleep kernel, so the CPU runs ahead and only the
+GPU time is measured. A small mask makes the GPU work short enough for per-call CPU cost to show.
 """
 import argparse
 import time
@@ -15,7 +15,6 @@ import time
 import torch
 
 import bbm
-from bbm import split
 from attention_masks import build
 from common import environment
 
@@ -58,10 +57,11 @@ def main():
     block_mask = create_block_mask(mask_mod, None, None, n, n, device=dev)
     flex = torch.compile(flex_attention, dynamic=False)
     gqa = args.heads != args.kv_heads
-    runs = {"bbm": lambda: bbm.attention(q, k, v, mask),
+    chosen = bbm.choose_backend(q, mask)
+    runs = {f"bbm ({chosen})": lambda: bbm.attention(q, k, v, mask),
             "flex": lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)}
-    if split.supported(q) and split.plan_for(q, mask) is not None:
-        runs["bbm split"] = lambda: bbm.attention(q, k, v, mask, backend="split")
+    if chosen != "triton":  # the Triton kernels as well
+        runs["bbm (triton)"] = lambda: bbm.attention(q, k, v, mask, backend="triton")
     print(environment(dev))
     for name, fn in runs.items():
         for what, call in (("fwd", fn), ("f+b", lambda fn=fn: torch.autograd.grad(fn(), (q, k, v), grad))):
