@@ -2,8 +2,10 @@
 
 Validates, applies a mask's token reordering, and dispatches:
   * full or exactly causal masks on CUDA -> PyTorch SDPA (its fastest backend);
-  * causal document masks with a long document, where cuDNN takes the inputs -> the document split
-    (``bbm.split``: long documents on cuDNN, the rest on the Triton kernels);
+  * causal document masks, with cudnn-frontend installed -> every document in one cuDNN call over ragged
+    sequences (``bbm.ragged``);
+  * else causal document masks with a long document, where cuDNN takes the inputs -> the document split
+    (``bbm.split``: long documents on PyTorch's cuDNN attention, the rest on the Triton kernels);
   * other masks on CUDA -> the Triton block-sparse kernels;
   * CPU tensors -> the exact PyTorch reference that walks the same tile metadata.
 """
@@ -56,10 +58,10 @@ def _validate(q, k, v, mask, scale, backend):
     if backend == "split" and not split.supported(q):
         fail("q", "inputs cuDNN attention takes, for backend='split' (CUDA, fp16/bf16, head dim a multiple of 8 "
              "up to 128, deterministic algorithms off)", f"{q.device}, {q.dtype}, head dim {d}")
-    if backend == "ragged" and not ragged.supported(q, k, v):
-        fail("q/k/v", "inputs cuDNN's ragged attention takes, for backend='ragged' (cudnn-frontend installed, CUDA, "
-             "fp16/bf16, head dim a multiple of 8 up to 128, each in (B, N, H, D) memory)",
-             f"{q.device}, {q.dtype}, head dim {d}, strides {q.stride()} / {k.stride()} / {v.stride()}")
+    if backend == "ragged" and not ragged.supported(q):
+        fail("q", "inputs cuDNN's ragged attention takes, for backend='ragged' (cudnn-frontend installed, CUDA, "
+             "fp16/bf16, head dim a multiple of 8 up to 128)",
+             f"{q.device}, {q.dtype}, head dim {d}, cudnn-frontend {'found' if ragged.frontend() else 'not installed'}")
     if backend in ("split", "ragged") and (mask is None or mask.documents is None or not mask.documents_causal):
         fail("mask", f"for backend={backend!r}, a causal Mask.from_documents mask (no window or prefix)", repr(mask))
 
@@ -86,8 +88,12 @@ def choose_backend(q, mask: Optional[Mask]) -> str:
         return "reference"
     if mask is None or mask.exactly_causal:
         return "sdpa"
-    if not torch.compiler.is_compiling() and split.supported(q) and split.plan_for(q, mask) is not None:
-        return "split"  # (its plan reads the document list on the host: compiled graphs take the Triton op)
+    if torch.compiler.is_compiling():  # the document plans read the document list on the host
+        return "triton"
+    if ragged.supported(q) and ragged.plan(mask, q.shape[0]) is not None:
+        return "ragged"
+    if split.supported(q) and split.plan_for(q, mask) is not None:
+        return "split"
     return "triton"
 
 
@@ -116,8 +122,9 @@ def attention(q, k, v, mask: Optional[Mask] = None, *, scale: Optional[float] = 
     gets zero gradient. ``backend`` forces a path ("sdpa", "split", "ragged", "triton", "reference"); "auto" picks the
     fastest exact one. "split" (CUDA) runs the long documents of a causal document mask as cuDNN attention and
     the rest on the Triton kernels (see ``bbm.split``); without a long document it is "triton". "ragged" (CUDA,
-    cudnn-frontend installed, q/k/v in (B, N, H, D) memory) runs every document of a causal document mask in one
-    cuDNN call (see ``bbm.ragged``). Differentiable in q, k and v."""
+    cudnn-frontend installed) runs every document of a causal document mask in one cuDNN call (see
+    ``bbm.ragged``); q, k and v in (B, N, H, D) memory (``q = x.view(B, N, H, D).transpose(1, 2)``) save it a copy.
+    Differentiable in q, k and v."""
     _validate(q, k, v, mask, scale, backend)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend == "auto":

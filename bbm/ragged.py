@@ -3,13 +3,15 @@
 A causal document mask is block diagonal, and when q, k and v hold each sample's tokens one after the other with
 their heads interleaved ((B, N, H, D) memory, what a model's projections give before the head transpose), every
 document is one run of memory. cuDNN's attention takes such runs as a batch of variable-length sequences: a
-ragged offset per document into the tensors, its length under a padding mask, and a causal band. One forward and
-one backward call cover every document of the micro-batch, reading and writing the model's own tensors (no
-copies, no per-document calls).
+ragged offset per document into each tensor, its length under a padding mask, and a causal band. One forward and
+one backward call cover every document of the micro-batch and read and write the model's own tensors; inputs in
+another layout are first copied into this one (cuDNN's ragged kernels take no other).
 
 cuDNN compiles a graph per shape: the number of documents (rounded up to a power of two; the extra documents are
-empty) and the longest one (rounded up to a power of two). Graphs are built on first use and cached per thread,
-as are the cuDNN handles (the backward runs on the autograd engine's thread).
+empty) and the longest one (rounded up to a power of two). Graphs are built on first use (about 0.1 s each once
+cuDNN has loaded its kernels) and shared by all threads (the backward, and a checkpointed forward's recompute, run
+on the autograd engine's thread) behind one lock. The softmax statistics the backward needs are ragged too: one
+float per token and head.
 
 Needs NVIDIA's cudnn-frontend Python package (``pip install nvidia-cudnn-frontend``), which drives the cuDNN
 library that PyTorch ships.
@@ -25,7 +27,8 @@ from bbm.masks import Mask
 from bbm.masks.mask import document_starts
 
 SHORTEST = 64  # the longest-document size classes start here
-_local = threading.local()  # per thread: cuDNN handles by device, graphs by shape
+_lock = threading.Lock()  # held while building or running a graph: a cuDNN handle serves one thread at a time
+_handles, _graphs = {}, {}  # cuDNN handles by device, built graphs by shape
 
 
 @functools.cache
@@ -45,13 +48,12 @@ def packed(t: torch.Tensor) -> bool:
             and (b == 1 or t.stride(0) == n * h * d))
 
 
-def supported(q, k, v) -> bool:
-    """Whether cuDNN's ragged attention takes these inputs: cudnn-frontend installed, CUDA (compute capability 8.0
-    or newer), fp16 or bf16, head dim a multiple of 8 up to 128, each tensor packed (``packed``) and small enough
-    for 32-bit offsets."""
+def supported(q: torch.Tensor) -> bool:
+    """Whether cuDNN's ragged attention takes queries like ``q``: cudnn-frontend installed, CUDA (compute
+    capability 8.0 or newer), fp16 or bf16, head dim a multiple of 8 up to 128, under 2**31 elements (32-bit
+    offsets)."""
     return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[3] % 8 == 0 and q.shape[3] <= 128
-            and all(packed(t) for t in (q, k, v)) and q.numel() < 2 ** 31 and frontend() is not None
-            and torch.cuda.get_device_capability(q.device) >= (8, 0))
+            and q.numel() < 2 ** 31 and frontend() is not None and torch.cuda.get_device_capability(q.device) >= (8, 0))
 
 
 def size_class(length: int) -> int:
@@ -70,11 +72,12 @@ class Documents:
     tokens: int
     _offsets: dict = field(default_factory=dict, compare=False)
 
-    def offsets(self, heads: int, dim: int) -> torch.Tensor:
-        """int32 (count + 1, 1, 1, 1): element offset of each document in a packed tensor of ``heads`` x ``dim``."""
-        if (heads, dim) not in self._offsets:
-            self._offsets[heads, dim] = (self.first * (heads * dim)).to(torch.int32).view(-1, 1, 1, 1)
-        return self._offsets[heads, dim]
+    def offsets(self, width: int) -> torch.Tensor:
+        """int32 (count + 1, 1, 1, 1): element offset of each document in a packed tensor of ``width`` elements
+        per token."""
+        if width not in self._offsets:
+            self._offsets[width] = (self.first * width).to(torch.int32).view(-1, 1, 1, 1)
+        return self._offsets[width]
 
 
 def plan(mask: Mask, batch: int) -> Optional[Documents]:
@@ -87,8 +90,7 @@ def plan(mask: Mask, batch: int) -> Optional[Documents]:
     if key not in mask._meta:
         doc = mask.documents
         rows, n = doc.shape
-        host = doc.cpu()
-        first = document_starts(host).flatten().nonzero().squeeze(1)  # flat index of each document's first token
+        first = document_starts(doc.cpu()).flatten().nonzero().squeeze(1)  # flat index of each document's start
         if rows != batch:  # shared by the batch: the same documents in every sample
             first = (torch.arange(batch).unsqueeze(1) * n + first).flatten()
         length = torch.diff(first, append=first.new_tensor([batch * n]))  # runs never cross samples
@@ -102,65 +104,60 @@ def plan(mask: Mask, batch: int) -> Optional[Documents]:
 
 
 def _handle(device):
+    """The device's cuDNN handle, set to run on the current stream (call with ``_lock`` held)."""
     cudnn = frontend()
-    handles = _local.__dict__.setdefault("handles", {})
-    if device not in handles:
+    if device not in _handles:
         with torch.cuda.device(device):
-            handles[device] = cudnn.create_handle()
-    cudnn.set_stream(handle=handles[device], stream=torch.cuda.current_stream(device).cuda_stream)
-    return handles[device]
-
-
-def _dims(count, heads, longest, dim):
-    """dims and strides of a packed ragged tensor (the batch stride is unused: offsets place each document)."""
-    return [count, heads, longest, dim], [longest * heads * dim, dim, heads * dim, 1]
+            _handles[device] = cudnn.create_handle()
+    cudnn.set_stream(handle=_handles[device], stream=torch.cuda.current_stream(device).cuda_stream)
+    return _handles[device]
 
 
 class _Graph:
-    """One built cuDNN graph and its tensor handles by name: the data tensors (q, k, v, o, do, dq, dk, dv, stats),
-    each data tensor's ragged offsets (``at_`` + name) and the document lengths (len_q, len_kv)."""
+    """One built cuDNN graph and its tensor handles by name: the data tensors (q, k, v, o, do, dq, dk, dv), the
+    softmax statistics (stats), each one's ragged offsets (``at_`` + name) and the document lengths (len_q,
+    len_kv). ``width[name]`` is a tensor's elements per token."""
 
     def __init__(self, backward: bool, docs: Documents, hq: int, hkv: int, d: int, dtype, scale: float,
                  deterministic: bool, device):
         cudnn = frontend()
         kind = cudnn.data_type.BFLOAT16 if dtype == torch.bfloat16 else cudnn.data_type.HALF
-        int32 = cudnn.data_type.INT32
-        g = cudnn.pygraph(io_data_type=kind, intermediate_data_type=cudnn.data_type.FLOAT,
-                          compute_data_type=cudnn.data_type.FLOAT, handle=_handle(device))
+        int32, float32 = cudnn.data_type.INT32, cudnn.data_type.FLOAT
+        g = cudnn.pygraph(io_data_type=kind, intermediate_data_type=float32, compute_data_type=float32,
+                          handle=_handle(device))
         count, longest = docs.count, docs.longest
-        heads = {"q": hq, "k": hkv, "v": hkv, "o": hq, "do": hq, "dq": hq, "dk": hkv, "dv": hkv}
+        heads = {"q": hq, "k": hkv, "v": hkv, "o": hq, "do": hq, "dq": hq, "dk": hkv, "dv": hkv, "stats": hq}
+        self.width = {name: h * (1 if name == "stats" else d) for name, h in heads.items()}
         self.t = {}
 
-        def offsets(name):  # one handle per data tensor, all fed the offsets of their head count
+        def layout(name):  # (count, heads, longest, dim) over packed tokens; offsets place each document
+            h, dim = heads[name], 1 if name == "stats" else d
             self.t["at_" + name] = g.tensor(dim=[count + 1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=int32,
                                             name="at_" + name)
-            return self.t["at_" + name]
+            return dict(dim=[count, h, longest, dim], stride=[longest * h * dim, dim, h * dim, 1],
+                        ragged_offset=self.t["at_" + name])
 
-        def data(name):
-            self.t[name] = g.tensor(*_dims(count, heads[name], longest, d), data_type=kind, name=name,
-                                    ragged_offset=offsets(name))
+        def data(name, data_type=kind):
+            self.t[name] = g.tensor(**layout(name), data_type=data_type, name=name)
             return self.t[name]
 
-        def output(name, t):
-            t.set_output(True).set_dim(_dims(count, heads[name], longest, d)[0])
-            t.set_stride(_dims(count, heads[name], longest, d)[1]).set_ragged_offset(offsets(name))
-            t.set_data_type(kind)
+        def output(name, t, data_type=kind):
+            shape = layout(name)
+            t.set_output(True).set_dim(shape["dim"]).set_stride(shape["stride"])
+            t.set_ragged_offset(shape["ragged_offset"]).set_data_type(data_type)
             self.t[name] = t
 
         for name in ("len_q", "len_kv"):
             self.t[name] = g.tensor(dim=[count, 1, 1, 1], stride=[1, 1, 1, 1], data_type=int32, name=name)
         mask = dict(attn_scale=scale, use_padding_mask=True, seq_len_q=self.t["len_q"], seq_len_kv=self.t["len_kv"],
                     diagonal_alignment=cudnn.diagonal_alignment.TOP_LEFT, diagonal_band_right_bound=0)
-        stats = ([count, hq, longest, 1], [hq * longest, longest, 1, 1])  # per document row, padded to longest
         q, k, v = data("q"), data("k"), data("v")
         if not backward:
-            out, lse = g.sdpa(q=q, k=k, v=v, generate_stats=True, name="sdpa", **mask)
+            out, stats = g.sdpa(q=q, k=k, v=v, generate_stats=True, name="sdpa", **mask)
             output("o", out)
-            lse.set_output(True).set_dim(stats[0]).set_stride(stats[1]).set_data_type(cudnn.data_type.FLOAT)
-            self.t["stats"] = lse
+            output("stats", stats, float32)
         else:
-            self.t["stats"] = g.tensor(*stats, data_type=cudnn.data_type.FLOAT, name="stats")
-            grads = g.sdpa_backward(q=q, k=k, v=v, o=data("o"), dO=data("do"), stats=self.t["stats"],
+            grads = g.sdpa_backward(q=q, k=k, v=v, o=data("o"), dO=data("do"), stats=data("stats", float32),
                                     max_total_seq_len_q=docs.batch * docs.tokens,
                                     max_total_seq_len_kv=docs.batch * docs.tokens,
                                     use_deterministic_algorithm=deterministic, name="sdpa_backward", **mask)
@@ -171,28 +168,28 @@ class _Graph:
         g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
         g.check_support()
         g.build_plans()
-        self.graph, self.workspace, self.heads = g, g.get_workspace_size(), heads
+        self.graph, self.workspace = g, g.get_workspace_size()
 
     def run(self, device, docs: Documents, **tensors):
-        """Executes the graph on the current stream; ``tensors`` by data name."""
+        """Executes the graph on the current stream; ``tensors`` by name."""
         feed = {self.t[name]: t for name, t in tensors.items()}
-        for name in tensors:
-            if "at_" + name in self.t:
-                feed[self.t["at_" + name]] = docs.offsets(self.heads[name], tensors[name].shape[3])
+        feed.update({self.t["at_" + name]: docs.offsets(self.width[name]) for name in tensors})
         feed[self.t["len_q"]] = feed[self.t["len_kv"]] = docs.lengths
         workspace = torch.empty(self.workspace, dtype=torch.uint8, device=device)
         self.graph.execute(feed, workspace, handle=_handle(device))
 
 
-def _graph(backward: bool, docs: Documents, q, k, scale: float) -> _Graph:
+def _run(backward: bool, docs: Documents, scale: float, **tensors):
+    """Builds (once per shape) and runs the forward or backward graph on ``tensors`` by name."""
+    q, k = tensors["q"], tensors["k"]
     deterministic = backward and torch.are_deterministic_algorithms_enabled()
     key = (backward, q.device, q.dtype, docs.count, docs.longest, docs.batch * docs.tokens, q.shape[1], k.shape[1],
            q.shape[3], scale, deterministic)
-    graphs = _local.__dict__.setdefault("graphs", {})
-    if key not in graphs:
-        graphs[key] = _Graph(backward, docs, q.shape[1], k.shape[1], q.shape[3], q.dtype, scale, deterministic,
-                             q.device)
-    return graphs[key]
+    with _lock:
+        if key not in _graphs:
+            _graphs[key] = _Graph(backward, docs, q.shape[1], k.shape[1], q.shape[3], q.dtype, scale, deterministic,
+                                  q.device)
+        _graphs[key].run(q.device, docs, **tensors)
 
 
 def _empty_packed(t):
@@ -200,12 +197,17 @@ def _empty_packed(t):
     return torch.empty(b, n, h, d, dtype=t.dtype, device=t.device).transpose(1, 2)
 
 
+def _as_packed(t):
+    """``t`` itself if packed, else a packed copy (differentiable: the gradient flows back to ``t``)."""
+    return t if packed(t) else _empty_packed(t).copy_(t)
+
+
 class _RaggedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, docs: Documents, scale: float):
         out = _empty_packed(q)
-        stats = torch.empty(docs.count, q.shape[1], docs.longest, 1, dtype=torch.float32, device=q.device)
-        _graph(False, docs, q, k, scale).run(q.device, docs, q=q, k=k, v=v, o=out, stats=stats)
+        stats = torch.empty(docs.batch * docs.tokens, q.shape[1], dtype=torch.float32, device=q.device)
+        _run(False, docs, scale, q=q, k=k, v=v, o=out, stats=stats)
         ctx.save_for_backward(q, k, v, out, stats)
         ctx.docs, ctx.scale = docs, scale
         return out
@@ -213,14 +215,12 @@ class _RaggedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, out, stats = ctx.saved_tensors
-        do = do if packed(do) else _empty_packed(do).copy_(do)
         dq, dk, dv = _empty_packed(q), _empty_packed(k), _empty_packed(v)
-        _graph(True, ctx.docs, q, k, ctx.scale).run(q.device, ctx.docs, q=q, k=k, v=v, o=out, do=do, stats=stats,
-                                                    dq=dq, dk=dk, dv=dv)
+        _run(True, ctx.docs, ctx.scale, q=q, k=k, v=v, o=out, do=_as_packed(do), stats=stats, dq=dq, dk=dk, dv=dv)
         return dq, dk, dv, None, None
 
 
 def ragged_attention(q, k, v, docs: Documents, scale: float) -> torch.Tensor:
-    """Attention of validated, packed q (B, Hq, N, D), k/v (B, Hkv, N, D) within each document of ``docs``,
-    causally."""
-    return _RaggedAttention.apply(q, k, v, docs, float(scale))
+    """Attention of validated q (B, Hq, N, D), k/v (B, Hkv, N, D) within each document of ``docs``, causally; the
+    output lies in (B, N, H, D) memory."""
+    return _RaggedAttention.apply(_as_packed(q), _as_packed(k), _as_packed(v), docs, float(scale))

@@ -2,9 +2,11 @@
 attention against a float64 dense reference, outputs and gradients (GPU with cudnn-frontend installed)."""
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 import bbm
 from bbm import ragged
+from bbm.masks.mask import document_starts
 from bbm.testing import random_doc_ids
 from gpu import needs_gpu
 from kernel_checks import check_against_dense
@@ -13,9 +15,13 @@ CUDA = "cuda"
 needs_cudnn_frontend = pytest.mark.skipif(ragged.frontend() is None, reason="cudnn-frontend is not installed")
 
 
-def packed_qkv(b, hq, hkv, n, d, dtype, device="cpu"):
-    """q, k, v (B, H, N, D) in (B, N, H, D) memory, as a model's projections give them."""
-    make = lambda h: torch.randn(b, n, h, d, device=device).to(dtype).transpose(1, 2).requires_grad_()
+def packed_qkv(b, hq, hkv, n, d, dtype, device="cpu", packed=True):
+    """q, k, v (B, H, N, D) in (B, N, H, D) memory, as a model's projections give them (or, with packed=False, in
+    (B, H, N, D) memory)."""
+    if packed:
+        make = lambda h: torch.randn(b, n, h, d, device=device).to(dtype).transpose(1, 2).requires_grad_()
+    else:
+        make = lambda h: torch.randn(b, h, n, d, device=device).to(dtype).requires_grad_()
     return make(hq), make(hkv), make(hkv)
 
 
@@ -25,8 +31,8 @@ def test_plan_lists_every_document():
     assert docs.count == 4 and docs.longest == 64 and (docs.batch, docs.tokens) == (2, 16)
     assert docs.first.tolist() == [0, 5, 6, 16, 32]  # then the end
     assert docs.lengths.flatten().tolist() == [5, 1, 10, 16]
-    assert docs.offsets(4, 8).flatten().tolist() == [0, 160, 192, 512, 1024]  # token index x heads x dim
-    assert docs.lengths.dtype == torch.int32 and docs.offsets(2, 8).dtype == torch.int32
+    assert docs.offsets(32).flatten().tolist() == [0, 160, 192, 512, 1024]  # token index x elements per token
+    assert docs.lengths.dtype == torch.int32 and docs.offsets(16).dtype == torch.int32
 
 
 def test_plan_of_a_shared_mask_repeats_its_documents():
@@ -49,29 +55,31 @@ def test_size_classes_and_layouts():
     q, k, _ = packed_qkv(2, 4, 2, 10, 8, torch.float32)
     assert ragged.packed(q) and ragged.packed(k)
     assert not ragged.packed(torch.randn(2, 4, 10, 8))  # (B, H, N, D) memory: each head's tokens together
-    assert not ragged.supported(q, k, k)  # on the CPU
+    assert not ragged.supported(q)  # on the CPU
 
 
 def test_ragged_backend_refuses_what_cudnn_does_not_take():
     doc = torch.tensor([[0] * 8 + [1] * 8])
     q, k, v = packed_qkv(1, 2, 2, 16, 8, torch.float32)
-    with pytest.raises(ValueError, match="^q/k/v: expected inputs cuDNN's ragged attention takes"):
+    with pytest.raises(ValueError, match="^q: expected inputs cuDNN's ragged attention takes"):
         bbm.attention(q, k, v, bbm.Mask.from_documents(doc), backend="ragged")
 
 
 @needs_gpu
 @needs_cudnn_frontend
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("d,kv_heads,shared", [(128, 4, False), (64, 2, True), (128, 1, False)])
-def test_ragged_documents_gpu(dtype, d, kv_heads, shared):
-    """Per-sample or shared masks, GQA and MQA, lengths that are no multiple of anything, one-token documents."""
+@pytest.mark.parametrize("d,kv_heads,shared,packed", [(128, 4, False, True), (64, 2, True, True),
+                                                      (128, 1, False, True), (128, 4, True, False)])
+def test_ragged_documents_gpu(dtype, d, kv_heads, shared, packed):
+    """Per-sample or shared masks, GQA and MQA, lengths that are no multiple of anything, one-token documents, inputs
+    in (B, N, H, D) memory or (copied) in (B, H, N, D) memory."""
     gen = torch.Generator().manual_seed(d + kv_heads)
     doc = random_doc_ids(1 if shared else 2, 3001, 40, generator=gen, device=CUDA)
     doc[:, 100:103] = torch.tensor([-1, -2, -3], device=CUDA)  # one-token documents
     doc[:, 500:2100] = -4  # a long one
-    mask = bbm.Mask.from_documents(doc)
-    q, k, v = packed_qkv(2, 8, kv_heads, 3001, d, dtype, CUDA)
-    assert ragged.supported(q, k, v)
+    mask = bbm.Mask.from_documents(document_starts(doc).cumsum(1))  # one id per run
+    q, k, v = packed_qkv(2, 8, kv_heads, 3001, d, dtype, CUDA, packed)
+    assert ragged.supported(q) and bbm.choose_backend(q, mask) == "ragged"
     check_against_dense(q, k, v, mask, scale=d ** -0.5,
                         run=lambda q, k, v: bbm.attention(q, k, v, mask, scale=d ** -0.5, backend="ragged"))
 
@@ -90,3 +98,22 @@ def test_ragged_deterministic_backward_gpu():
         torch.use_deterministic_algorithms(False)
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@needs_gpu
+@needs_cudnn_frontend
+def test_ragged_under_activation_checkpointing_gpu():
+    """The recompute runs the forward again on the autograd engine's thread, with the graphs built on the main one:
+    the gradients are those of the plain run."""
+    doc = random_doc_ids(1, 2500, 7, generator=torch.Generator().manual_seed(5), device=CUDA)
+    mask = bbm.Mask.from_documents(doc)
+    q, k, v = packed_qkv(1, 8, 4, 2500, 64, torch.bfloat16, CUDA)
+    run = lambda q, k, v: bbm.attention(q, k, v, mask, backend="ragged")
+    g = torch.randn(1, 8, 2500, 64, device=CUDA, dtype=torch.bfloat16)
+    plain = run(q, k, v)
+    want = torch.autograd.grad(plain, (q, k, v), g)
+    out = checkpoint(run, q, k, v, use_reentrant=False)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    assert torch.equal(out, plain)
+    for a, b in zip(got, want):  # the backward may accumulate in another order
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
