@@ -8,10 +8,13 @@ one backward call cover every document of the micro-batch and read and write the
 another layout are first copied into this one (cuDNN's ragged kernels take no other).
 
 cuDNN compiles a graph per shape: the number of documents (rounded up to a power of two; the extra documents are
-empty) and the longest one (rounded up to a power of two). Graphs are built on first use (about 0.1 s each once
-cuDNN has loaded its kernels) and shared by all threads (the backward, and a checkpointed forward's recompute, run
-on the autograd engine's thread) behind one lock. The softmax statistics the backward needs are ragged too: one
-float per token and head.
+empty) and the longest one (rounded up to a power of two). The first call for a layout (device, dtype, tokens,
+heads, head dim, scale) builds the forward and backward graphs of every shape its micro-batches can take with
+documents of at least ``SHORTEST`` tokens on average (about 55 pairs at 32k tokens, ~0.1 s each once cuDNN has
+loaded its kernels; ``warm_up``), so that training pays for them once, up front, instead of in whichever step first
+meets a shape; rarer shapes are built when met. Graphs are shared by all threads (the backward, and a checkpointed
+forward's recompute, run on the autograd engine's thread) behind one lock. The softmax statistics the backward
+needs are ragged too: one float per token and head.
 
 Needs NVIDIA's cudnn-frontend Python package (``pip install nvidia-cudnn-frontend``), which drives the cuDNN
 library that PyTorch ships.
@@ -28,7 +31,7 @@ from bbm.masks.mask import document_starts
 
 SHORTEST = 64  # the longest-document size classes start here
 _lock = threading.Lock()  # held while building or running a graph: a cuDNN handle serves one thread at a time
-_handles, _graphs = {}, {}  # cuDNN handles by device, built graphs by shape
+_handles, _graphs = {}, {}  # cuDNN handles by device, built graphs by layout and shape
 
 
 @functools.cache
@@ -118,14 +121,13 @@ class _Graph:
     softmax statistics (stats), each one's ragged offsets (``at_`` + name) and the document lengths (len_q,
     len_kv). ``width[name]`` is a tensor's elements per token."""
 
-    def __init__(self, backward: bool, docs: Documents, hq: int, hkv: int, d: int, dtype, scale: float,
-                 deterministic: bool, device):
+    def __init__(self, backward: bool, count: int, longest: int, total: int, hq: int, hkv: int, d: int, dtype,
+                 scale: float, deterministic: bool, device):
         cudnn = frontend()
         kind = cudnn.data_type.BFLOAT16 if dtype == torch.bfloat16 else cudnn.data_type.HALF
         int32, float32 = cudnn.data_type.INT32, cudnn.data_type.FLOAT
         g = cudnn.pygraph(io_data_type=kind, intermediate_data_type=float32, compute_data_type=float32,
                           handle=_handle(device))
-        count, longest = docs.count, docs.longest
         heads = {"q": hq, "k": hkv, "v": hkv, "o": hq, "do": hq, "dq": hq, "dk": hkv, "dv": hkv, "stats": hq}
         self.width = {name: h * (1 if name == "stats" else d) for name, h in heads.items()}
         self.t = {}
@@ -158,8 +160,7 @@ class _Graph:
             output("stats", stats, float32)
         else:
             grads = g.sdpa_backward(q=q, k=k, v=v, o=data("o"), dO=data("do"), stats=data("stats", float32),
-                                    max_total_seq_len_q=docs.batch * docs.tokens,
-                                    max_total_seq_len_kv=docs.batch * docs.tokens,
+                                    max_total_seq_len_q=total, max_total_seq_len_kv=total,
                                     use_deterministic_algorithm=deterministic, name="sdpa_backward", **mask)
             for name, grad in zip(("dq", "dk", "dv"), grads):
                 output(name, grad)
@@ -179,17 +180,30 @@ class _Graph:
         self.graph.execute(feed, workspace, handle=_handle(device))
 
 
+def shapes(total: int, tokens: int):
+    """The (count, longest) graph shapes of micro-batches of ``total`` tokens in samples of ``tokens`` whose
+    documents average at least ``SHORTEST`` tokens: count * longest >= total, longest <= a sample."""
+    most = 1 << max(0, (max(1, total // SHORTEST) - 1).bit_length())
+    longest = [size_class(1 << i) for i in range(SHORTEST.bit_length() - 1, size_class(tokens).bit_length())]
+    return [(1 << c, l) for l in longest for c in range(most.bit_length()) if (1 << c) * l >= total and (1 << c) <= most]
+
+
 def _run(backward: bool, docs: Documents, scale: float, **tensors):
-    """Builds (once per shape) and runs the forward or backward graph on ``tensors`` by name."""
+    """Runs the forward or backward graph of ``docs``' shape on ``tensors`` by name; the first call for a layout
+    builds the graphs of all its common shapes."""
     q, k = tensors["q"], tensors["k"]
-    deterministic = backward and torch.are_deterministic_algorithms_enabled()
-    key = (backward, q.device, q.dtype, docs.count, docs.longest, docs.batch * docs.tokens, q.shape[1], k.shape[1],
-           q.shape[3], scale, deterministic)
+    total = docs.batch * docs.tokens
+    layout = (q.device, q.dtype, total, q.shape[1], k.shape[1], q.shape[3], scale,
+              torch.are_deterministic_algorithms_enabled())
+    build = lambda backward, count, longest: _Graph(backward, count, longest, total, q.shape[1], k.shape[1],
+                                                     q.shape[3], q.dtype, scale, layout[-1], q.device)
     with _lock:
-        if key not in _graphs:
-            _graphs[key] = _Graph(backward, docs, q.shape[1], k.shape[1], q.shape[3], q.dtype, scale, deterministic,
-                                  q.device)
-        _graphs[key].run(q.device, docs, **tensors)
+        if layout not in _graphs:
+            _graphs[layout] = {(b, c, l): build(b, c, l) for c, l in shapes(total, docs.tokens) for b in (False, True)}
+        graphs = _graphs[layout]
+        if (backward, docs.count, docs.longest) not in graphs:
+            graphs[backward, docs.count, docs.longest] = build(backward, docs.count, docs.longest)
+        graphs[backward, docs.count, docs.longest].run(q.device, docs, **tensors)
 
 
 def _empty_packed(t):

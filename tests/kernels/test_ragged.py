@@ -117,3 +117,14 @@ def test_ragged_under_activation_checkpointing_gpu():
     assert torch.equal(out, plain)
     for a, b in zip(got, want):  # the backward may accumulate in another order
         assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
+
+
+def test_warm_up_shapes_cover_every_micro_batch_of_common_documents():
+    """Every plan of 2 x 3001 tokens whose documents average >= SHORTEST tokens has its graph built up front."""
+    shapes = set(ragged.shapes(2 * 3001, 3001))
+    gen = torch.Generator().manual_seed(0)
+    for docs in (1, 2, 5, 40, 46):  # 46 per sample: 65 tokens on average
+        doc = random_doc_ids(2, 3001, docs, generator=gen)
+        plan = ragged.plan(bbm.Mask.from_documents(doc), batch=2)
+        assert (plan.count, plan.longest) in shapes
+    assert all(c * l >= 2 * 3001 and l <= 4096 for c, l in shapes)
