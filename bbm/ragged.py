@@ -85,24 +85,22 @@ class Documents:
 
 def plan(mask: Mask, batch: int) -> Optional[Documents]:
     """The documents of a causal document mask for inputs of ``batch`` samples (a mask shared by the batch repeats
-    them per sample), or None if it is not one. Cached on the mask; one device sync (the document list decides the
-    graph's shape on the host)."""
+    them per sample), or None if it is not one. Cached on the mask; built on the mask's device with two small
+    syncs (the document count and the longest length decide the graph's shape on the host)."""
     if mask.documents is None or not mask.documents_causal:
         return None
     key = ("ragged", batch)
     if key not in mask._meta:
         doc = mask.documents
-        rows, n = doc.shape
-        first = document_starts(doc.cpu()).flatten().nonzero().squeeze(1)  # flat index of each document's start
-        if rows != batch:  # shared by the batch: the same documents in every sample
-            first = (torch.arange(batch).unsqueeze(1) * n + first).flatten()
-        length = torch.diff(first, append=first.new_tensor([batch * n]))  # runs never cross samples
+        n, end = doc.shape[1], batch * doc.shape[1]
+        first = document_starts(doc).expand(batch, n).flatten().nonzero().squeeze(1)  # each document's start
+        tail = lambda size, value: torch.full((size,), value, dtype=first.dtype, device=doc.device)
+        length = torch.diff(first, append=tail(1, end))  # runs never cross samples
         count = 1 << (first.numel() - 1).bit_length()
-        end = first.new_full((count + 1 - first.numel(),), batch * n)  # padding documents start at the end, empty
-        lengths = torch.cat([length, length.new_zeros(count - length.numel())]).to(torch.int32).view(-1, 1, 1, 1)
-        mask._meta[key] = Documents(torch.cat([first, end]).to(doc.device, non_blocking=True),
-                                    lengths.to(doc.device, non_blocking=True), count, size_class(int(length.max())),
-                                    batch, n)
+        pad = count - first.numel()  # padding documents start at the end, empty
+        mask._meta[key] = Documents(torch.cat([first, tail(pad + 1, end)]),
+                                    torch.cat([length, tail(pad, 0)]).to(torch.int32).view(-1, 1, 1, 1), count,
+                                    size_class(int(length.max())), batch, n)
     return mask._meta[key]
 
 
