@@ -2,8 +2,10 @@
 
 Validates, applies a mask's token reordering, and dispatches:
   * full or exactly causal masks on CUDA -> PyTorch SDPA (its fastest backend);
-  * causal document masks with a long document, where cuDNN takes the inputs -> the document split
-    (``bbm.split``: long documents on cuDNN, the rest on the Triton kernels);
+  * causal document masks, with cudnn-frontend installed -> every document in one cuDNN call over ragged
+    sequences (``bbm.ragged``);
+  * else causal document masks with a long document, where cuDNN takes the inputs -> the document split
+    (``bbm.split``: long documents on PyTorch's cuDNN attention, the rest on the Triton kernels);
   * other masks on CUDA -> the Triton block-sparse kernels;
   * CPU tensors -> the exact PyTorch reference that walks the same tile metadata.
 """
@@ -15,11 +17,11 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bbm._checks import check_tensor, fail
-from bbm import split
+from bbm import ragged, split
 from bbm.masks import Mask
 from bbm.reference import reference_attention
 
-BACKENDS = ("auto", "sdpa", "split", "triton", "reference")
+BACKENDS = ("auto", "sdpa", "split", "ragged", "triton", "reference")
 
 
 def _validate(q, k, v, mask, scale, backend):
@@ -53,12 +55,15 @@ def _validate(q, k, v, mask, scale, backend):
         fail("scale", "a positive float or None", repr(scale))
     if backend not in BACKENDS:
         fail("backend", f"one of {BACKENDS}", repr(backend))
-    if backend == "split":
-        if not split.supported(q):
-            fail("q", "inputs cuDNN attention takes, for backend='split' (CUDA, fp16/bf16, head dim a multiple of 8 "
-                 "up to 128, deterministic algorithms off)", f"{q.device}, {q.dtype}, head dim {d}")
-        if mask is None or mask.documents is None or not mask.documents_causal:
-            fail("mask", "for backend='split', a causal Mask.from_documents mask (no window or prefix)", repr(mask))
+    if backend == "split" and not split.supported(q):
+        fail("q", "inputs cuDNN attention takes, for backend='split' (CUDA, fp16/bf16, head dim a multiple of 8 "
+             "up to 128, deterministic algorithms off)", f"{q.device}, {q.dtype}, head dim {d}")
+    if backend == "ragged" and not ragged.supported(q):
+        fail("q", "inputs cuDNN's ragged attention takes, for backend='ragged' (cudnn-frontend installed, CUDA, "
+             "fp16/bf16, head dim a multiple of 8 up to 128)",
+             f"{q.device}, {q.dtype}, head dim {d}, cudnn-frontend {'found' if ragged.frontend() else 'not installed'}")
+    if backend in ("split", "ragged") and (mask is None or mask.documents is None or not mask.documents_causal):
+        fail("mask", f"for backend={backend!r}, a causal Mask.from_documents mask (no window or prefix)", repr(mask))
 
 
 # SDPA backends, fastest first on Hopper (cuDNN); each passes inputs it rejects to the next one
@@ -83,8 +88,12 @@ def choose_backend(q, mask: Optional[Mask]) -> str:
         return "reference"
     if mask is None or mask.exactly_causal:
         return "sdpa"
-    if not torch.compiler.is_compiling() and split.supported(q) and split.plan_for(q, mask) is not None:
-        return "split"  # (its plan reads the document list on the host: compiled graphs take the Triton op)
+    if torch.compiler.is_compiling():  # the document plans read the document list on the host
+        return "triton"
+    if ragged.supported(q) and ragged.plan(mask, q.shape[0]) is not None:
+        return "ragged"
+    if split.supported(q) and split.plan_for(q, mask) is not None:
+        return "split"
     return "triton"
 
 
@@ -96,6 +105,8 @@ def prepare(q, mask: Optional[Mask], backend: str = "auto") -> str:
     if backend == "split":
         plan = split.plan_for(q, mask)
         tiled = mask if plan is None else plan.residual
+    if backend == "ragged":
+        ragged.plan(mask, q.shape[0])
     if tiled is not None:
         from bbm.kernels.tuning import META_TILE  # imported lazily: CPU users never load Triton
         tiled.block_meta(*META_TILE)
@@ -108,10 +119,12 @@ def attention(q, k, v, mask: Optional[Mask] = None, *, scale: Optional[float] = 
 
     q ``(B, Hq, Nq, D)``, k and v ``(B, Hkv, Nk, D)`` with ``Hq % Hkv == 0`` (GQA/MQA). ``mask=None`` is
     full attention. ``scale`` defaults to ``1/sqrt(D)``. A query with no allowed key outputs zeros and
-    gets zero gradient. ``backend`` forces a path ("sdpa", "split", "triton", "reference"); "auto" picks the
+    gets zero gradient. ``backend`` forces a path ("sdpa", "split", "ragged", "triton", "reference"); "auto" picks the
     fastest exact one. "split" (CUDA) runs the long documents of a causal document mask as cuDNN attention and
-    the rest on the Triton kernels (see ``bbm.split``); without a long document it is "triton". Differentiable
-    in q, k and v."""
+    the rest on the Triton kernels (see ``bbm.split``); without a long document it is "triton". "ragged" (CUDA,
+    cudnn-frontend installed) runs every document of a causal document mask in one cuDNN call (see
+    ``bbm.ragged``); q, k and v in (B, N, H, D) memory (``q = x.view(B, N, H, D).transpose(1, 2)``) save it a copy.
+    Differentiable in q, k and v."""
     _validate(q, k, v, mask, scale, backend)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend == "auto":
@@ -129,6 +142,8 @@ def attention(q, k, v, mask: Optional[Mask] = None, *, scale: Optional[float] = 
             out = _masked_sdpa(q, k, v, dense, scale)
     elif backend == "split" and (plan := split.plan_for(q, mask)) is not None:
         out = split.split_attention(q, k, v, plan, scale)
+    elif backend == "ragged":
+        out = ragged.ragged_attention(q, k, v, ragged.plan(mask, q.shape[0]), scale)
     else:  # triton, reference, or a split with no document long enough for a block
         if mask is None:
             mask = Mask.from_ranges(*_full_bounds(q.shape[0], q.shape[2], k.shape[2], q.device), n_k=k.shape[2])

@@ -1,7 +1,7 @@
 """bbm vs FlexAttention vs SDPA: forward, forward+backward, metadata build, effective TFLOP/s.
 
     python benchmarks/attention.py [--masks docs,docs4,...] [--sizes 16384,32768] [--dims 128,64]
-        [--heads 16] [--kv-heads 16,4] [--out benchmarks/results/attention.json] [--sweep fwd,bwd]
+        [--heads 16] [--kv-heads 16,4] [--layout bhnd|bnhd] [--out benchmarks/results/attention.json] [--sweep fwd,bwd]
     python benchmarks/attention.py --plot benchmarks/results/attention.json   # PNG from a JSON (no GPU)
 
 TFLOP/s count allowed pairs only: forward 4 D per pair per query head, backward 2.5x the forward.
@@ -9,7 +9,11 @@ FlexAttention runs compiled, its BlockMask built once (its build timed separatel
 create_block_mask compiled). SDPA: flash and cuDNN for the exactly causal mask, a dense bool mask
 (efficient kernel) up to --sdpa-dense-max tokens. Document-causal masks also run PyTorch's own
 variable-length attention (torch.nn.attention.varlen; FlashAttention-2 kernels in torch 2.11) on the
-same documents, in its (tokens, heads, D) layout. --sweep also times candidate tile configs.
+same documents, in its (tokens, heads, D) layout. Every path takes the same (B, H, N, D) tensors, in that
+memory order or, with --layout bnhd, in (B, N, H, D) memory: the layout a model's projections give
+(x.view(B, N, H, D).transpose(1, 2)). With --layout bhnd, where bbm takes cuDNN's ragged path (which copies such
+inputs into (B, N, H, D) memory) it is also timed on inputs already in that memory (the bnhd columns). --sweep also
+times candidate tile configs.
 """
 import argparse
 import faulthandler
@@ -171,11 +175,15 @@ def sweep(q, k, v, grad, mask, repeat, row, which):
 def run_case(name, n, d, heads, kv_heads, args, dev):
     make_mask, mask_mod, n_q, n_k = build(name, n, dev)
     g = torch.Generator(device=dev).manual_seed(n + d)
-    rnd = lambda h, length: torch.randn(1, h, length, d, device=dev, generator=g, dtype=torch.bfloat16).requires_grad_()
+    def rnd(h, length):  # (B, H, N, D), in that memory order or (--layout bnhd) in a model's (B, N, H, D) order
+        shape = (1, h, length, d) if args.layout == "bhnd" else (1, length, h, d)
+        t = torch.randn(shape, device=dev, generator=g, dtype=torch.bfloat16)
+        return (t if args.layout == "bhnd" else t.transpose(1, 2)).requires_grad_()
     q, k, v = rnd(heads, n_q), rnd(kv_heads, n_k), rnd(kv_heads, n_k)
-    grad = torch.randn_like(q)
+    grad = rnd(heads, n_q).detach()
     stage(f"{name} N={n} D={d} {heads}:{kv_heads}")
-    row = {"mask": name, "n": n, "n_q": n_q, "n_k": n_k, "d": d, "heads": heads, "kv_heads": kv_heads}
+    row = {"mask": name, "n": n, "n_q": n_q, "n_k": n_k, "d": d, "heads": heads, "kv_heads": kv_heads,
+           "layout": args.layout}
     row["mask_build_ms"] = wall_ms(make_mask, repeat=args.repeat)  # the Mask alone (ranges or dense)
     row["bbm_meta_ms"] = wall_ms(lambda: bbm.prepare(q, make_mask()), repeat=args.repeat)  # + tile lists
     mask = make_mask()
@@ -188,6 +196,10 @@ def run_case(name, n, d, heads, kv_heads, args, dev):
         row["bbm_triton_meta_ms"] = wall_ms(lambda: bbm.prepare(q, make_mask(), "triton"), repeat=args.repeat)
         tri = lambda q, k, v: bbm.attention(q, k, v, mask, backend="triton")
         row["bbm_triton_fwd_ms"], row["bbm_triton_fwdbwd_ms"] = time_pair(tri, q, k, v, grad, args.repeat)
+    if row["bbm_backend"] == "ragged" and args.layout == "bhnd":  # and inputs in a model's memory order: no copies
+        qp, kp, vp = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v))
+        gp = grad.transpose(1, 2).contiguous().transpose(1, 2)
+        row["bbm_bnhd_fwd_ms"], row["bbm_bnhd_fwdbwd_ms"] = time_pair(fn, qp, kp, vp, gp, args.repeat)
     stage("bbm timed")
     if not args.no_flex:
         flex = flex_case(mask_mod, q, k, v, grad, n_q, n_k, args.repeat, row, args.blockmask_compile_seconds)
@@ -219,7 +231,7 @@ def add_rates(row):
             row[key[:-3] + "_tflops"] = flop / (row[key] / 1e3)
     for peer in ("flex", "sdpa_flash", "sdpa_cudnn", "sdpa_dense", "varlen"):
         for what in ("fwd", "fwdbwd"):
-            for path in ("", "triton_"):
+            for path in ("", "triton_", "bnhd_"):
                 mine, theirs = row.get(f"bbm_{path}{what}_ms"), row.get(f"{peer}_{what}_ms")
                 if mine and theirs:
                     row[f"ratio_{path}{what}_vs_{peer}"] = mine / theirs
@@ -232,7 +244,8 @@ def fmt(x, spec="8.2f"):
 def print_table(rows):
     head = (f"{'mask':>11} {'N':>6} {'D':>3} {'H':>5} {'dens':>5} | {'bbm fwd':>8} {'fwd+bwd':>8} {'TF/s':>5} "
             f"{'meta':>6} | {'flex fwd':>8} {'fwd+bwd':>8} {'TF/s':>5} {'bmask':>8} {'bm cmp':>7} | "
-            f"{'ratio':>5} | {'sdpa f+b':>8} | {'varlen':>8} {'ratio':>5} | {'triton':>8} {'ratio':>5} {'meta':>6} | backend")
+            f"{'ratio':>5} | {'sdpa f+b':>8} | {'varlen':>8} {'ratio':>5} | {'triton':>8} {'ratio':>5} {'meta':>6} | "
+            f"{'bnhd':>8} {'ratio':>5} | backend")
     print(head)
     for r in rows:
         sdpa = r.get("sdpa_cudnn_fwdbwd_ms") or r.get("sdpa_flash_fwdbwd_ms") or r.get("sdpa_dense_fwdbwd_ms")
@@ -243,7 +256,8 @@ def print_table(rows):
               f"{fmt(r.get('flex_blockmask_compiled_ms'), '7.2f')} | {fmt(r.get('ratio_fwdbwd_vs_flex'), '5.2f')} | "
               f"{fmt(sdpa)} | {fmt(r.get('varlen_fwdbwd_ms'))} {fmt(r.get('ratio_fwdbwd_vs_varlen'), '5.2f')} | "
               f"{fmt(r.get('bbm_triton_fwdbwd_ms'))} {fmt(r.get('ratio_triton_fwdbwd_vs_flex'), '5.2f')} "
-              f"{fmt(r.get('bbm_triton_meta_ms'), '6.3f')} | "
+              f"{fmt(r.get('bbm_triton_meta_ms'), '6.3f')} | {fmt(r.get('bbm_bnhd_fwdbwd_ms'))} "
+              f"{fmt(r.get('ratio_bnhd_fwdbwd_vs_flex'), '5.2f')} | "
               f"{r['bbm_backend']}", flush=True)
 
 
@@ -259,6 +273,7 @@ def plot(json_path, png_path):
         sel = sorted((r for r in rows if (r["mask"], r["d"], r["heads"], r["kv_heads"]) == (mask, d, h, hk)),
                      key=lambda r: r["n"])
         for key, label in (("bbm_fwdbwd_tflops", "bbm"), ("bbm_triton_fwdbwd_tflops", "bbm Triton"),
+                           ("bbm_bnhd_fwdbwd_tflops", "bbm, (B, N, H, D) memory"),
                            ("flex_fwdbwd_tflops", "FlexAttention"), ("sdpa_cudnn_fwdbwd_tflops", "SDPA cuDNN"),
                            ("sdpa_flash_fwdbwd_tflops", "SDPA flash"), ("sdpa_dense_fwdbwd_tflops", "SDPA dense mask"),
                            ("varlen_fwdbwd_tflops", "PyTorch varlen")):
@@ -286,6 +301,8 @@ def main():
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--kv-heads", default="16", help="comma list; 4 with 16 heads is GQA 4:1")
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--layout", choices=("bhnd", "bnhd"), default="bhnd",
+                    help="memory order of q, k, v for every path: (B, H, N, D), or (B, N, H, D) as from a model")
     ap.add_argument("--sdpa-dense-max", type=int, default=32768)
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--blockmask-compile-seconds", type=int, default=90,

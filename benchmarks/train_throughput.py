@@ -42,7 +42,8 @@ def child(args):
     row.update({k: records[-1].get(k) for k in ("attention_ms", "dense_causal_ms", "gain_vs_dense")})
     row.update(attention_density=statistics.mean(r["attention_density"] for r in timed),
                peak_mem_gib=records[-1]["peak_mem_gib"], loss_first=records[0]["loss"], loss_last=records[-1]["loss"],
-               params=trainer.matmul_params, seq_len=trainer.cfg.run.seq_len, steps_timed=len(timed))
+               params=trainer.matmul_params, seq_len=trainer.cfg.run.seq_len, steps_timed=len(timed),
+               step_times_s=[r["step_time_s"] for r in timed])
     Path(args.out).write_text(json.dumps(row))
 
 

@@ -23,7 +23,7 @@ class ModelConfig:
     init_std: float = 0.02
     attention: str = "bbm"  # one of ATTENTION_BACKENDS
     fused: bool = True  # on CUDA: RMSNorm, RoPE, SwiGLU's gate and the loss as torch.compile'd fused kernels
-    bbm_backend: str = "auto"  # with attention=bbm: bbm.attention's backend= (auto | triton | split | sdpa | reference)
+    bbm_backend: str = "auto"  # with attention=bbm: bbm.attention's backend= (auto | triton | split | ragged | sdpa | reference)
 
     def validate(self, prefix: str = "model"):
         for name in ("dim", "n_layers", "n_heads", "multiple_of"):

@@ -58,12 +58,12 @@ def test_metadata_kernels_match_cpu():
 
 
 def test_inductor_compile_fullgraph():
-    """A compiled graph takes the Triton custom op; eager auto takes the split (a 2500-token document at 16 x 128
-    is above its threshold): the two agree."""
+    """A compiled graph takes the Triton custom op; eager auto takes cuDNN's ragged path (or, without
+    cudnn-frontend, the split: a 2500-token document at 16 x 128 is above its threshold): the two agree."""
     short = random_doc_ids(1, 500, 5, generator=torch.Generator().manual_seed(4), device=CUDA)
     mask = bbm.Mask.from_documents(torch.cat([torch.full((1, 2500), 99, device=CUDA, dtype=short.dtype), short], 1))
     q, k, v = qkv(1, 16, 4, 3000, 3000, 128, torch.bfloat16, CUDA)
-    assert bbm.choose_backend(q, mask) == "split"
+    assert bbm.choose_backend(q, mask) == ("ragged" if bbm.ragged.frontend() else "split")
     f = lambda q, k, v: bbm.attention(q, k, v, mask).float().square().sum()
     want = torch.autograd.grad(f(q, k, v), (q, k, v))
     got = torch.autograd.grad(torch.compile(f, fullgraph=True)(q, k, v), (q, k, v))
@@ -153,19 +153,21 @@ def test_split_under_checkpointing_warms_the_recompute_thread_gpu(monkeypatch):
 
 
 def test_split_needs_inputs_cudnn_takes_gpu():
-    """auto takes the split where cuDNN takes the inputs and the Triton kernels elsewhere (fp32, deterministic
-    algorithms: cuDNN's backward is not bitwise reproducible); a forced split refuses such inputs."""
+    """Without cudnn-frontend, auto takes the split where PyTorch's cuDNN attention takes the inputs and the Triton
+    kernels elsewhere (fp32, deterministic algorithms: that backward is not bitwise reproducible; cuDNN's ragged
+    graphs have a deterministic backward); a forced split refuses such inputs."""
     doc = torch.zeros(1, 6000, dtype=torch.int32, device=CUDA)
     doc[:, 3000:] = 1
     mask = bbm.Mask.from_documents(doc)
     q, k, v = qkv(1, 8, 4, 6000, 6000, 128, torch.bfloat16, CUDA)
-    assert bbm.choose_backend(q, mask) == "split" and bbm.split.supported(q)
+    ragged = bbm.ragged.frontend() is not None
+    assert bbm.choose_backend(q, mask) == ("ragged" if ragged else "split") and bbm.split.supported(q)
     assert bbm.choose_backend(q.float(), mask) == "triton"
     with pytest.raises(ValueError, match="^q: expected inputs cuDNN attention takes"):
         bbm.attention(q.float(), k.float(), v.float(), mask, backend="split")
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        assert not bbm.split.supported(q) and bbm.choose_backend(q, mask) == "triton"
+        assert not bbm.split.supported(q) and bbm.choose_backend(q, mask) == ("ragged" if ragged else "triton")
         with pytest.raises(ValueError, match="deterministic algorithms off"):
             bbm.attention(q, k, v, mask, backend="split")
     finally:

@@ -3,6 +3,8 @@ outputs and gradients, and a whole model with and without them (skipped without 
 import pytest
 import torch
 
+import bbm.ragged
+
 from bbm.model import Decoder, ModelConfig, build_mask
 from bbm.model.decoder import loss_sum
 from bbm.model.layers import apply_rope, pointwise, rms_norm, rope_tables, silu_gate
@@ -60,3 +62,21 @@ def test_fused_model_matches_eager_gpu():
         grads.append(torch.cat([p.grad.float().flatten() for p in m.parameters()]))
     assert losses[1] == pytest.approx(losses[0], rel=1e-2)
     assert (grads[1] - grads[0]).norm() <= 0.05 * grads[0].norm()
+
+
+@pytest.mark.skipif(bbm.ragged.frontend() is None, reason="cudnn-frontend is not installed")
+def test_model_feeds_ragged_attention_without_copies_gpu(monkeypatch):
+    """With the fused RoPE, the decoder's q, k and v reach cuDNN's ragged path in (B, N, H, D) memory, and its
+    output goes back to the output projection without a copy."""
+    seen = []
+
+    def recording(q, k, v, docs, scale, real=bbm.ragged.ragged_attention):
+        seen.append([bbm.ragged.packed(t) for t in (q, k, v)])
+        return real(q, k, v, docs, scale)
+
+    monkeypatch.setattr(bbm.ragged, "ragged_attention", recording)
+    tokens, labels, pos, doc = (t.to(CUDA) for t in packed_batch(2, n=256))
+    cfg = ModelConfig(vocab_size=61, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, init_std=0.2)
+    m = Decoder(cfg).to(CUDA, torch.bfloat16)
+    m(tokens, pos, build_mask(doc, "bbm"), labels).backward()
+    assert seen == [[True, True, True]] * 2
