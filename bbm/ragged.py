@@ -181,9 +181,10 @@ class _Graph:
 def shapes(total: int, tokens: int):
     """The (count, longest) graph shapes of micro-batches of ``total`` tokens in samples of ``tokens`` whose
     documents average at least ``SHORTEST`` tokens: count * longest >= total, longest <= a sample."""
-    most = 1 << max(0, (max(1, total // SHORTEST) - 1).bit_length())
-    longest = [size_class(1 << i) for i in range(SHORTEST.bit_length() - 1, size_class(tokens).bit_length())]
-    return [(1 << c, l) for l in longest for c in range(most.bit_length()) if (1 << c) * l >= total and (1 << c) <= most]
+    counts = [1 << i for i in range(max(1, total // SHORTEST).bit_length() + 1)]  # up to the next power of two
+    most = 1 << (max(1, total // SHORTEST) - 1).bit_length()
+    longest = [1 << i for i in range(SHORTEST.bit_length() - 1, size_class(tokens).bit_length())]
+    return [(count, size) for size in longest for count in counts if count <= most and count * size >= total]
 
 
 def _run(backward: bool, docs: Documents, scale: float, **tensors):
