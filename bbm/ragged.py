@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from bbm.masks import Mask
-from bbm.masks.mask import document_starts
+from bbm.masks.mask import document_spans
 
 SHORTEST = 64  # the longest-document size classes start here
 _lock = threading.Lock()  # held while building or running a graph: a cuDNN handle serves one thread at a time
@@ -93,9 +93,8 @@ def plan(mask: Mask, batch: int) -> Optional[Documents]:
     if key not in mask._meta:
         doc = mask.documents
         n, end = doc.shape[1], batch * doc.shape[1]
-        first = document_starts(doc).expand(batch, n).flatten().nonzero().squeeze(1)  # each document's start
+        first, length = document_spans(doc.expand(batch, n))  # a mask shared by the batch: its documents per sample
         tail = lambda size, value: torch.full((size,), value, dtype=first.dtype, device=doc.device)
-        length = torch.diff(first, append=tail(1, end))  # runs never cross samples
         count = 1 << (first.numel() - 1).bit_length()
         pad = count - first.numel()  # padding documents start at the end, empty
         mask._meta[key] = Documents(torch.cat([first, tail(pad + 1, end)]),

@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 import torch
 
 from bbm.masks import Mask
-from bbm.masks.mask import document_starts
+from bbm.masks.mask import document_spans
 
 # A document is worth its own cuDNN call when its work is at least that of MIN_BLOCK tokens at 16 heads of
 # 128 dims: below that the calls' host cost outweighs what cuDNN saves over the Triton kernels (on an H100,
@@ -66,9 +66,7 @@ def plan(mask: Mask, min_block: int) -> Optional[Split]:
     if key not in mask._meta:
         doc = mask.documents
         rows, n = doc.shape
-        host = doc.cpu()
-        first = document_starts(host).flatten().nonzero().squeeze(1)  # flat index of each document's first token
-        length = torch.diff(first, append=first.new_tensor([rows * n]))  # runs never cross rows: each row starts one
+        first, length = document_spans(doc.cpu())  # on the host, which decides the blocks
         long = length >= min_block
         covered = torch.repeat_interleave(long, length).view(rows, n)
         residual = None

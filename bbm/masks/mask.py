@@ -318,6 +318,14 @@ def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
     return start
 
 
+def document_spans(doc_ids: torch.Tensor):
+    """(first, length), int64 on doc_ids' device: each document's first token as a flat index into (B, N) ids, and
+    its length (a document never crosses rows: each row starts one). A device sync (the document count)."""
+    first = document_starts(doc_ids).flatten().nonzero().squeeze(1)
+    end = torch.full((1,), doc_ids.numel(), dtype=first.dtype, device=first.device)
+    return first, torch.diff(first, append=end)
+
+
 def _in_ranges(ranges: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """bool (..., rows, len(keys)): key in [lo0, hi0) or [lo1, hi1) of each row, from ranges (..., 4, rows)."""
     lo0, hi0, lo1, hi1 = ranges.unsqueeze(-1).unbind(-3)
