@@ -6,6 +6,13 @@ def fail(arg: str, expected: str, given, kind=ValueError):
     raise kind(f"{arg}: expected {expected}, got {given}")
 
 
+def cudnn_takes(q: torch.Tensor) -> bool:
+    """Whether cuDNN's fused attention takes queries like ``q`` (B, H, N, D): CUDA with compute capability 8.0 or
+    newer, fp16 or bf16, head dim a multiple of 8 up to 128."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[3] % 8 == 0 and q.shape[3] <= 128
+            and torch.cuda.get_device_capability(q.device) >= (8, 0))
+
+
 def check_tensor(arg: str, x, *, ndim=None, dtype_kind=None):
     """dtype_kind: 'bool', 'int' or 'float'."""
     if not isinstance(x, torch.Tensor):

@@ -10,11 +10,11 @@ another layout are first copied into this one (cuDNN's ragged kernels take no ot
 cuDNN compiles a graph per shape: the number of documents (rounded up to a power of two; the extra documents are
 empty) and the longest one (rounded up to a power of two). The first call for a layout (device, dtype, tokens,
 heads, head dim, scale) builds the forward and backward graphs of every shape its micro-batches can take with
-documents of at least ``SHORTEST`` tokens on average (about 55 pairs at 32k tokens, ~0.1 s each once cuDNN has
-loaded its kernels; ``warm_up``), so that training pays for them once, up front, instead of in whichever step first
-meets a shape; rarer shapes are built when met. Graphs are shared by all threads (the backward, and a checkpointed
-forward's recompute, run on the autograd engine's thread) behind one lock. The softmax statistics the backward
-needs are ragged too: one float per token and head.
+documents of at least ``SHORTEST`` tokens on average (``shapes``: 55 pairs at 32k tokens), so that training pays
+for them once, up front, instead of in whichever step first meets a shape; rarer shapes are built when met.
+Graphs are shared by all threads (the backward, and a checkpointed forward's recompute, run on the autograd
+engine's thread) behind one lock. The softmax statistics the backward needs are ragged too: one float per token
+and head.
 
 Needs NVIDIA's cudnn-frontend Python package (``pip install nvidia-cudnn-frontend``), which drives the cuDNN
 library that PyTorch ships.
@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from bbm._checks import cudnn_takes
 from bbm.masks import Mask
 from bbm.masks.mask import document_spans
 
@@ -52,11 +53,9 @@ def packed(t: torch.Tensor) -> bool:
 
 
 def supported(q: torch.Tensor) -> bool:
-    """Whether cuDNN's ragged attention takes queries like ``q``: cudnn-frontend installed, CUDA (compute
-    capability 8.0 or newer), fp16 or bf16, head dim a multiple of 8 up to 128, under 2**31 elements (32-bit
-    offsets)."""
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[3] % 8 == 0 and q.shape[3] <= 128
-            and q.numel() < 2 ** 31 and frontend() is not None and torch.cuda.get_device_capability(q.device) >= (8, 0))
+    """Whether cuDNN's ragged attention takes queries like ``q``: ``cudnn_takes``, under 2**31 elements (32-bit
+    offsets), cudnn-frontend installed."""
+    return cudnn_takes(q) and q.numel() < 2 ** 31 and frontend() is not None
 
 
 def size_class(length: int) -> int:
@@ -191,10 +190,10 @@ def _run(backward: bool, docs: Documents, scale: float, **tensors):
     builds the graphs of all its common shapes."""
     q, k = tensors["q"], tensors["k"]
     total = docs.batch * docs.tokens
-    layout = (q.device, q.dtype, total, q.shape[1], k.shape[1], q.shape[3], scale,
-              torch.are_deterministic_algorithms_enabled())
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    layout = (q.device, q.dtype, total, q.shape[1], k.shape[1], q.shape[3], scale, deterministic)
     build = lambda backward, count, longest: _Graph(backward, count, longest, total, q.shape[1], k.shape[1],
-                                                     q.shape[3], q.dtype, scale, layout[-1], q.device)
+                                                     q.shape[3], q.dtype, scale, deterministic, q.device)
     with _lock:
         if layout not in _graphs:
             _graphs[layout] = {(b, c, l): build(b, c, l) for c, l in shapes(total, docs.tokens) for b in (False, True)}

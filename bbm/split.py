@@ -24,6 +24,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from bbm._checks import cudnn_takes
 from bbm.masks import Mask
 from bbm.masks.mask import document_spans
 
@@ -105,11 +106,10 @@ def block_sizes(shortest: int, n: int):
 
 
 def supported(q: torch.Tensor) -> bool:
-    """Whether cuDNN's attention takes queries like ``q`` (B, Hq, N, D): CUDA (compute capability 8.0 or
-    newer), fp16 or bf16, head dim a multiple of 8 up to 128, and deterministic algorithms not requested
-    (cuDNN's backward is not bitwise reproducible; the Triton kernels are)."""
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[3] % 8 == 0 and q.shape[3] <= 128
-            and torch.backends.cudnn.is_available() and torch.cuda.get_device_capability(q.device) >= (8, 0)
+    """Whether PyTorch's cuDNN attention takes queries like ``q`` (B, Hq, N, D) (``cudnn_takes``) and
+    deterministic algorithms are not requested (that backward is not bitwise reproducible; the Triton kernels
+    are)."""
+    return (cudnn_takes(q) and torch.backends.cudnn.is_available()
             and not torch.are_deterministic_algorithms_enabled())
 
 

@@ -1,6 +1,6 @@
 """The mark of tests that run the compiled kernels: they need a CUDA GPU and Triton outside its interpreter,
 which tests/conftest.py turns on unless TRITON_INTERPRET is set: on a GPU machine run them as
-``TRITON_INTERPRET=0 pytest tests/kernels/test_gpu.py tests/train/test_model_gpu.py``."""
+``TRITON_INTERPRET=0 pytest tests/kernels/test_gpu.py tests/kernels/test_ragged.py tests/train/test_model_gpu.py``."""
 import os
 
 import pytest
