@@ -22,7 +22,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     attention: str = "bbm"  # one of ATTENTION_BACKENDS
-    fused: bool = True  # on CUDA: RMSNorm, RoPE, SwiGLU's gate and the loss as torch.compile'd fused kernels
+    fused: bool = True  # on CUDA: each block's work around its attention, the final norm and the loss torch.compile'd
     bbm_backend: str = "auto"  # with attention=bbm: bbm.attention's backend= (auto | triton | split | ragged | sdpa | reference)
 
     def validate(self, prefix: str = "model"):

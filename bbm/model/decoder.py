@@ -10,40 +10,53 @@ from bbm._checks import fail
 from bbm.data.packing import IGNORE_INDEX
 from bbm.model.attention import BatchMask, attend
 from bbm.model.config import ModelConfig
-from bbm.model.layers import RMSNorm, SwiGLU, apply_rope, maybe_fused, rope_tables
+from bbm.model.layers import RMSNorm, SwiGLU, apply_rope, maybe_compiled, rope_tables
 
 
 class Attention(nn.Module):
+    """GQA projections: q, k and v from one matmul, RoPE on q and k, and the output projection."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        self.rope = maybe_fused(apply_rope, cfg.fused)
 
-    def forward(self, x, cos, sin, batch_mask: BatchMask, attention_fn):
+    def project(self, x, cos, sin):
+        """q, k, v ``(B, N, H, D)``, each a contiguous tensor of its own (cuDNN's ragged path reads such
+        memory as it is)."""
         b, n, _ = x.shape
-        q = self.wq(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
-        out = attention_fn(q, k, v, batch_mask)  # the single attention call site
-        return self.wo(out.transpose(1, 2).reshape(b, n, -1))
+        q, k, v = self.wqkv(x).view(b, n, -1, self.head_dim).split([self.n_heads, self.n_kv, self.n_kv], dim=2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.contiguous()
+
+
+def attention_inputs(block, x, cos, sin):
+    """A block's work before its attention: the pre-norm, and q, k, v ``(B, N, H, D)`` with RoPE."""
+    return block.attn.project(block.attn_norm(x), cos, sin)
+
+
+def block_output(block, x, out):
+    """A block's work after its attention ``out (B, H, N, D)``: the output projection, the residual, and the
+    SwiGLU sub-block with its pre-norm and residual."""
+    x = x + block.attn.wo(out.transpose(1, 2).flatten(2))
+    return x + block.mlp(block.mlp_norm(x))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.fused)
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, fused=False)  # inside the block's compiled regions
         self.attn = Attention(cfg)
-        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.fused)
-        self.mlp = SwiGLU(cfg.dim, cfg.hidden_dim, cfg.fused)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, fused=False)
+        self.mlp = SwiGLU(cfg.dim, cfg.hidden_dim)
+        self.inputs = maybe_compiled(attention_inputs, cfg.fused)
+        self.output = maybe_compiled(block_output, cfg.fused)
 
     def forward(self, x, cos, sin, batch_mask, attention_fn):
-        x = x + self.attn(self.attn_norm(x), cos, sin, batch_mask, attention_fn)
-        return x + self.mlp(self.mlp_norm(x))
+        q, k, v = self.inputs(self, x, cos, sin)
+        # the attention runs between the compiled regions, as it is: any backend, or a sequence-parallel wrapper
+        out = attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), batch_mask)
+        return self.output(self, x, out)
 
 
 class Decoder(nn.Module):
@@ -63,7 +76,7 @@ class Decoder(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.fused)
-        self.loss_sum = maybe_fused(loss_sum, cfg.fused)  # fused: the fp32 upcast of the logits inside the softmax
+        self.loss_sum = maybe_compiled(loss_sum, cfg.fused)  # fused: the fp32 upcast of the logits inside the softmax
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight

@@ -22,7 +22,9 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         "gradient_accumulation_steps": accum,
         "train_batch_size": micro * accum * world_size,
         "gradient_clipping": ds.gradient_clipping,
-        "bf16": {"enabled": ds.bf16},
+        # DeepSpeed's bf16 overflow check (a few kernels per parameter, every step) skips steps with a non-finite
+        # gradient: kept for run.on_nonfinite=skip; with stop the trainer checks the gradient norm instead
+        "bf16": {"enabled": ds.bf16, "check_grad_overflow": cfg.run.on_nonfinite == "skip"},
         "fp16": {"enabled": False},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # the optimizer is torch's AdamW (no FusedAdam build)

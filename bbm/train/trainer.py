@@ -2,6 +2,7 @@
 (metrics.jsonl, W&B, progress bar), crash-safe checkpoints, SIGTERM/SIGINT save-and-exit."""
 import dataclasses
 import logging
+import math
 import random
 import resource
 import signal
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from bbm._checks import fail
 from bbm.distributed import ParallelGroups, UlyssesAttention, sequence_parallel_loss, shard_batch
 from bbm.model import Decoder, attend, build_mask
+from bbm.model.decoder import Block
 from bbm.train import checkpoint as ckpt
 from bbm.train.config import TrainConfig, to_dict
 from bbm.train.ds_config import deepspeed_config
@@ -110,6 +112,8 @@ class Trainer:
         model = Decoder(self.model_cfg, checkpoint_layers=cfg.deepspeed.activation_checkpointing)
         if self.sp > 1:  # Ulysses: all-to-all around attention, each rank attends over n_heads / sp heads
             model.attention_fn = UlyssesAttention(self.groups.sp_group, attend)
+        if cfg.deepspeed.zero_stage == 3:  # gather a block's parameters at once, as its compiled regions use them
+            deepspeed.utils.set_z3_leaf_modules(model, [Block])
         self.matmul_params = model.matmul_params()
         optimizer = build_optimizer(model, cfg.optimizer)
         schedule = build_schedule(optimizer, cfg.schedule, cfg.run.max_steps)
@@ -229,6 +233,10 @@ class Trainer:
                 pairs], dtype=torch.float64)
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None and not math.isfinite(grad_norm) and self.cfg.run.on_nonfinite == "stop":
+            fail("grad_norm", f"a finite value at step {self.step + 1}: the step is applied, resume from the last "
+                              "checkpoint (run.on_nonfinite=skip makes DeepSpeed skip such steps)", float(grad_norm),
+                 FloatingPointError)
         interval.grad_norms.append(float(grad_norm) if grad_norm is not None else float("nan"))
         interval.steps += 1
         self.last_mask = batch_mask

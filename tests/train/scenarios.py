@@ -72,17 +72,27 @@ def stop_and_resume(workdir: Path) -> dict:
     return {"whole": losses(whole.run.dir), "parts": losses(parts.run.dir), "stopped": stopped, "resumed_at": resumed_at}
 
 
+def poison_gradient(output):
+    """The output unchanged, its gradient made infinite: a finite loss with non-finite gradients."""
+    output.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    return output
+
+
 def nonfinite(workdir: Path) -> dict:
+    """A NaN loss, and (bf16, ZeRO-2) an infinite gradient, in the third micro-batch; stop and skip each."""
+    cases = {"loss": ([], lambda output: output * float("nan")),
+             "grad": (["deepspeed.bf16=true", "deepspeed.zero_stage=2"], poison_gradient)}
     out = {}
-    for mode in ("stop", "skip"):
-        trainer = Trainer(tiny(workdir, f"nan_{mode}", [f"run.on_nonfinite={mode}"]))
-        call_hook(trainer, 3, lambda output: output * float("nan"))
-        try:
-            trainer.train()
-            out[mode] = {"error": None, "records": [json.loads(line) for line in
-                                                    (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]}
-        except FloatingPointError as e:
-            out[mode] = {"error": str(e)}
+    for what, (extra, action) in cases.items():
+        for mode in ("stop", "skip"):
+            trainer = Trainer(tiny(workdir, f"nan_{what}_{mode}", [f"run.on_nonfinite={mode}", *extra]))
+            call_hook(trainer, 3, action)
+            try:
+                trainer.train()
+                out[f"{what}_{mode}"] = {"error": None, "records": [
+                    json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]}
+            except FloatingPointError as e:
+                out[f"{what}_{mode}"] = {"error": str(e)}
     return out
 
 

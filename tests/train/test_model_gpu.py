@@ -1,5 +1,6 @@
-"""The decoder's fused element-wise functions (torch.compile on CUDA) against their eager forms in float64,
-outputs and gradients, and a whole model with and without them (skipped without a CUDA GPU)."""
+"""The decoder's element-wise functions compiled (torch.compile on CUDA) against their plain forms in float64,
+outputs and gradients, and a whole model with its compiled regions against the plain one (skipped without a
+CUDA GPU)."""
 import pytest
 import torch
 
@@ -7,7 +8,7 @@ import bbm.ragged
 
 from bbm.model import Decoder, ModelConfig, build_mask
 from bbm.model.decoder import loss_sum
-from bbm.model.layers import apply_rope, pointwise, rms_norm, rope_tables, silu_gate
+from bbm.model.layers import apply_rope, compiled, rms_norm, rope_tables, silu_gate
 from gpu import needs_gpu
 from test_model import packed_batch
 
@@ -36,27 +37,28 @@ def close_with_grads(fn, fused, inputs, tol):
 def test_fused_functions_match_eager_gpu(dtype, tol):
     b, h, n, d, dim = 2, 3, 300, 64, 96
     x = torch.randn(b, n, dim, device=CUDA, dtype=dtype)
-    close_with_grads(rms_norm, pointwise(rms_norm), [x, torch.rand(dim, device=CUDA, dtype=dtype) + 0.5, 1e-5], tol)
+    close_with_grads(rms_norm, compiled(rms_norm), [x, torch.rand(dim, device=CUDA, dtype=dtype) + 0.5, 1e-5], tol)
     positions = torch.randint(0, 500, (b, n), device=CUDA)
     cos, sin = rope_tables(positions, d, 10000.0)
-    x = torch.randn(b, h, n, d, device=CUDA, dtype=dtype)
-    close_with_grads(apply_rope, pointwise(apply_rope), [x, cos, sin], tol)
+    x = torch.randn(b, n, h, d, device=CUDA, dtype=dtype)
+    close_with_grads(apply_rope, compiled(apply_rope), [x, cos, sin], tol)
     gate, up = (torch.randn(b, n, 2 * dim, device=CUDA, dtype=dtype) for _ in range(2))
-    close_with_grads(silu_gate, pointwise(silu_gate), [gate, up], tol)
+    close_with_grads(silu_gate, compiled(silu_gate), [gate, up], tol)
     labels = torch.randint(0, 77, (b, n), device=CUDA)
     labels[0, :10] = -100
     logits = 3 * torch.randn(b, n, 77, device=CUDA, dtype=dtype)
-    close_with_grads(loss_sum, pointwise(loss_sum), [logits, labels], tol)
+    close_with_grads(loss_sum, compiled(loss_sum), [logits, labels], tol)
 
 
-def test_fused_model_matches_eager_gpu():
+@pytest.mark.parametrize("backend", ["bbm", "flex", "sdpa_masked"])
+def test_fused_model_matches_eager_gpu(backend):
     tokens, labels, pos, doc = (t.to(CUDA) for t in packed_batch(3, n=256))
     losses, grads = [], []
     for fused in (False, True):
         torch.manual_seed(0)
         cfg = ModelConfig(vocab_size=61, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, init_std=0.2, fused=fused)
         m = Decoder(cfg).to(CUDA, torch.bfloat16)
-        loss = m(tokens, pos, build_mask(doc, "bbm"), labels)
+        loss = m(tokens, pos, build_mask(doc, backend), labels)
         loss.backward()
         losses.append(loss.item())
         grads.append(torch.cat([p.grad.float().flatten() for p in m.parameters()]))
@@ -66,7 +68,7 @@ def test_fused_model_matches_eager_gpu():
 
 @pytest.mark.skipif(bbm.ragged.frontend() is None, reason="cudnn-frontend is not installed")
 def test_model_feeds_ragged_attention_without_copies_gpu(monkeypatch):
-    """With the fused RoPE, the decoder's q, k and v reach cuDNN's ragged path in (B, N, H, D) memory, and its
+    """With the compiled blocks, the decoder's q, k and v reach cuDNN's ragged path in (B, N, H, D) memory, and its
     output goes back to the output projection without a copy."""
     seen = []
 

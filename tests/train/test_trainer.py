@@ -78,16 +78,30 @@ def test_stop_and_resume_reproduces_the_loss_curve_exactly(results):
 
 
 def test_nonfinite_loss_stops_naming_the_step(results):
-    r = scenario(results, "nonfinite")
-    assert r["stop"]["error"] is not None and "step 3" in r["stop"]["error"]
+    r = scenario(results, "nonfinite")["loss_stop"]
+    assert r["error"] is not None and "loss" in r["error"] and "step 3" in r["error"]
 
 
 def test_nonfinite_loss_skipped_when_configured(results):
-    r = scenario(results, "nonfinite")["skip"]
+    r = scenario(results, "nonfinite")["loss_skip"]
     assert r["error"] is None
     records = r["records"]
     assert [x["skipped_batches"] for x in records] == [0, 0, 1, 0, 0, 0]
     assert all(math.isfinite(x["loss"]) for x in records)
+
+
+def test_nonfinite_gradient_stops_naming_the_step(results):
+    r = scenario(results, "nonfinite")["grad_stop"]
+    assert r["error"] is not None and "grad_norm" in r["error"] and "step 3" in r["error"]
+
+
+def test_nonfinite_gradient_step_skipped_when_configured(results):
+    r = scenario(results, "nonfinite")["grad_skip"]
+    assert r["error"] is None
+    records = r["records"]
+    assert len(records) == 6 and all(math.isfinite(x["loss"]) for x in records)
+    finite = [x["grad_norm"] is not None and math.isfinite(x["grad_norm"]) for x in records]  # JSON null: not finite
+    assert finite == [True, True, False, True, True, True]
 
 
 def test_profile_kernel_breakdown():
