@@ -38,16 +38,18 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _time_fwd_bwd(fn, q, k, v, repeats: int) -> float:
-    """Best wall time (s) of forward + backward, after one warm-up call."""
+def _time_fwd_bwd(fn, leaves, repeats: int) -> float:
+    """Best wall time (s) of forward + backward of ``fn(q, k, v)`` on ``(B, H, N, D)`` views of the ``(B, N, H, D)``
+    leaves, after one warm-up call."""
     best = float("inf")
     for i in range(repeats + 1):
-        for t in (q, k, v):
+        for t in leaves:
             t.grad = None
-        _sync(q.device)
+        _sync(leaves[0].device)
         start = time.perf_counter()
-        fn(q, k, v).backward(torch.ones_like(q))
-        _sync(q.device)
+        out = fn(*(t.transpose(1, 2) for t in leaves))
+        out.backward(torch.ones_like(out))
+        _sync(leaves[0].device)
         if i:
             best = min(best, time.perf_counter() - start)
     return best
@@ -56,16 +58,16 @@ def _time_fwd_bwd(fn, q, k, v, repeats: int) -> float:
 def attention_gain(batch_mask: BatchMask, n_heads: int, n_kv_heads: int, head_dim: int, dtype, device,
                    repeats: int = 2) -> dict:
     """Times one layer's attention (fwd + bwd) on this batch's mask with the chosen backend and with dense
-    causal SDPA, on random q, k, v of the model's shape; gain = dense time / chosen time."""
+    causal SDPA, on random q, k, v of the model's shape and memory order; gain = dense time / chosen time."""
     b, n = batch_mask.batch, batch_mask.mask.n_q
     gen = torch.Generator(device=device).manual_seed(0)
 
-    def rand(h):
-        return torch.randn(b, h, n, head_dim, device=device, dtype=dtype, generator=gen).requires_grad_()
+    def rand(h):  # (B, N, H, D) memory, as the model's projections leave q, k and v
+        return torch.randn(b, n, h, head_dim, device=device, dtype=dtype, generator=gen).requires_grad_()
 
-    q, k, v = rand(n_heads), rand(n_kv_heads), rand(n_kv_heads)
+    leaves = rand(n_heads), rand(n_kv_heads), rand(n_kv_heads)
     gqa = n_heads != n_kv_heads
-    chosen = _time_fwd_bwd(lambda q, k, v: attend(q, k, v, batch_mask), q, k, v, repeats)
+    chosen = _time_fwd_bwd(lambda q, k, v: attend(q, k, v, batch_mask), leaves, repeats)
     dense = _time_fwd_bwd(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa),
-                          q, k, v, repeats)
+                          leaves, repeats)
     return {"attention_ms": chosen * 1e3, "dense_causal_ms": dense * 1e3, "gain_vs_dense": dense / chosen}

@@ -1,8 +1,9 @@
 """``metrics.profile_steps: [first, last]``: those optimizer steps run under torch.profiler and leave, in
 ``<run dir>/profile``, a Chrome trace (chrome://tracing, Perfetto) and a table of the operators by device time
 (or CPU time without a GPU), one of each per rank. On a GPU the table starts with the step's kernel time by
-kind (attention, matmuls, optimizer, ...) and how much of the steps' wall time the GPU was busy (the rest it
-waited for the host). Profiled steps run slower: their throughput is not the run's."""
+kind (attention, matmuls, optimizer, ...), how much of the steps' wall time the GPU was busy (the rest it
+waited for the host), and per phase of the step (batch, forward, backward, optimizer) the host's time and the
+GPU's idle time meanwhile. Profiled steps run slower: their throughput is not the run's."""
 import json
 import os
 import re
@@ -44,17 +45,37 @@ def kernel_breakdown(kernels, steps: int) -> str:
     return "\n".join(lines)
 
 
+def busy_spans(trace_events) -> list:
+    """The disjoint (start, end) stretches during which at least one kernel, copy or memset ran, from a Chrome
+    trace's events (overlapping ones, e.g. on several streams, merged)."""
+    merged = []
+    for start, end in sorted((e["ts"], e["ts"] + e["dur"]) for e in trace_events
+                             if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return merged
+
+
 def gpu_busy_us(trace_events) -> float:
-    """Microseconds during which at least one kernel, copy or memset ran, from a Chrome trace's events
-    (overlapping ones, e.g. on several streams, count once)."""
-    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in trace_events
-                   if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e)
-    busy, reach = 0.0, float("-inf")
-    for start, end in spans:
-        if end > reach:
-            busy += end - max(start, reach)
-            reach = end
-    return busy
+    """Microseconds during which the GPU ran something (see ``busy_spans``)."""
+    return sum(end - start for start, end in busy_spans(trace_events))
+
+
+def phase_lines(trace_events, steps: int) -> str:
+    """Per step: the host's wall time in each phase of the training step (the trainer's ``bbm.*`` annotations)
+    and how long the GPU sat idle meanwhile, i.e. waited for that phase's host work."""
+    spans = busy_spans(trace_events)
+    phases = {}
+    for e in trace_events:
+        if e.get("cat") == "user_annotation" and e.get("name", "").startswith("bbm.") and "dur" in e:
+            start, end = e["ts"], e["ts"] + e["dur"]
+            busy = sum(max(0.0, min(end, b) - max(start, a)) for a, b in spans if a < end and b > start)
+            wall, idle = phases.get(e["name"], (0.0, 0.0))
+            phases[e["name"]] = (wall + e["dur"], idle + e["dur"] - busy)
+    return "\n".join(f"  {name[4:]:<24} host {wall / steps / 1e3:7.1f} ms, GPU idle {idle / steps / 1e3:6.1f} ms"
+                     for name, (wall, idle) in phases.items())
 
 
 def busy_line(busy_us: float, wall_us: float, steps: int) -> str:
@@ -99,8 +120,10 @@ class StepProfiler:
         if self.cuda:
             steps = self.last - self.first + 1
             kernels = [(a.key, a.self_device_time_total) for a in averages if a.device_type == DeviceType.CUDA]
-            busy = gpu_busy_us(json.loads(trace.read_text())["traceEvents"])
+            events = json.loads(trace.read_text())["traceEvents"]
+            busy = gpu_busy_us(events)
             head += kernel_breakdown(kernels, steps) + "\n" + busy_line(busy, wall_us, steps) + "\n"
+            head += "per step phase (host wall time, and the GPU's idle time meanwhile):\n" + phase_lines(events, steps) + "\n"
         table = averages.table(sort_by=sort, row_limit=40, max_name_column_width=70)
         write_atomic(self.dir / f"ops_rank{self.rank}.txt", f"{head}{table}\n")
 

@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from bbm._checks import fail
 from bbm.distributed import ParallelGroups, UlyssesAttention, sequence_parallel_loss, shard_batch
@@ -179,30 +180,46 @@ class Trainer:
         return {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
 
     def _forward(self, batches, skipped: list):
-        """Loss of the next micro-batch with a finite loss on every rank; a non-finite one stops the run
-        (run.on_nonfinite=stop) or is dropped and replaced by the next batch (skip)."""
+        """Loss of the next micro-batch. With run.on_nonfinite=skip, one with a finite loss on every rank: a
+        non-finite one is dropped and replaced by the next batch. With stop, the step checks its losses at its
+        end (``_stop_if_nonfinite``), so a forward pass does not wait for its loss to reach the host."""
         run = self.cfg.run
         while True:
-            batch = self._to_device(next(batches))
-            # whole sequence, every layer
-            batch_mask = build_mask(batch["doc_ids"], self.model_cfg.attention, self.model_cfg.bbm_backend,
-                                    check=False)  # PackedLoader's document ids are runs by construction
-            if self.sp > 1:
-                batch = shard_batch(batch, self.groups.sp_rank, self.sp)
-            loss = self.engine(batch["tokens"], batch["position_ids"], batch_mask, batch["labels"])
-            if self.sp > 1:  # this rank's share of the whole sequence's mean loss
-                loss = sequence_parallel_loss(loss, batch["labels"], self.groups.sp_group)
-            if not self._any_rank(not bool(torch.isfinite(loss.detach()))):
-                return batch, batch_mask, loss
+            with record_function("bbm.batch"):  # profiler annotations name the step's phases
+                batch = self._to_device(next(batches))
+                # whole sequence, every layer
+                batch_mask = build_mask(batch["doc_ids"], self.model_cfg.attention, self.model_cfg.bbm_backend,
+                                        check=False)  # PackedLoader's document ids are runs by construction
+                if self.sp > 1:
+                    batch = shard_batch(batch, self.groups.sp_rank, self.sp)
+            with record_function("bbm.forward"):
+                loss = self.engine(batch["tokens"], batch["position_ids"], batch_mask, batch["labels"])
+                if self.sp > 1:  # this rank's share of the whole sequence's mean loss
+                    loss = sequence_parallel_loss(loss, batch["labels"], self.groups.sp_group)
+                if run.on_nonfinite == "stop" or not self._any_rank(not bool(torch.isfinite(loss.detach()))):
+                    return batch, batch_mask, loss
             step = self.step + 1
-            if run.on_nonfinite == "stop":
-                fail("loss", f"a finite value at step {step} (set run.on_nonfinite=skip to drop such batches)",
-                     float(loss.detach()), FloatingPointError)
             skipped.append(step)
             if len(skipped) > run.max_skips:
                 fail("loss", f"at most run.max_skips={run.max_skips} non-finite micro-batches in a row at step {step}",
                      len(skipped), FloatingPointError)
             self._print(f"step {step}: non-finite loss, micro-batch skipped ({len(skipped)} in a row)")
+
+    def _stop_if_nonfinite(self, losses: list, grad_norm):
+        """run.on_nonfinite=stop: fails naming the step if one of its losses (on any rank) or its gradient norm
+        is not finite. A non-finite loss makes the norm non-finite, so the losses are read on the host only then
+        (or where no norm is kept): no sync in the common case."""
+        if grad_norm is not None and math.isfinite(grad_norm):
+            return
+        step = self.step + 1
+        values = [float(x) for x in losses]
+        if self._any_rank(not all(map(math.isfinite, values))):
+            fail("loss", f"a finite value at step {step} on every rank (set run.on_nonfinite=skip to drop such "
+                         "batches)", values, FloatingPointError)
+        if grad_norm is not None:
+            fail("grad_norm", f"a finite value at step {step}: the step is applied, resume from the last checkpoint "
+                              "(run.on_nonfinite=skip makes DeepSpeed skip such steps)", float(grad_norm),
+                 FloatingPointError)
 
     def _grad_norm_fp32(self) -> float:
         """Gradient 2-norm where DeepSpeed keeps none (ZeRO 0 without bf16: grads are already averaged)."""
@@ -219,10 +236,12 @@ class Trainer:
             skipped = []
             batch, batch_mask, loss = self._forward(batches, skipped)
             interval.skipped += len(skipped)
-            self.engine.backward(loss)
-            if micro == accum - 1 and not hasattr(self.engine.optimizer, "_global_grad_norm"):
-                grad_norm = self._grad_norm_fp32()
-            self.engine.step()
+            with record_function("bbm.backward"):
+                self.engine.backward(loss)
+            with record_function("bbm.optimizer"):  # at the accumulation boundary; otherwise bookkeeping
+                if micro == accum - 1 and not hasattr(self.engine.optimizer, "_global_grad_norm"):
+                    grad_norm = self._grad_norm_fp32()
+                self.engine.step()
             tokens = batch["tokens"].numel()
             pairs = batch_mask.allowed_pairs() / self.sp  # this rank attends for 1/sp of the heads
             b, n = batch["tokens"].shape[0], batch["tokens"].shape[1] * self.sp
@@ -233,10 +252,8 @@ class Trainer:
                 pairs], dtype=torch.float64)
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
-        if grad_norm is not None and not math.isfinite(grad_norm) and self.cfg.run.on_nonfinite == "stop":
-            fail("grad_norm", f"a finite value at step {self.step + 1}: the step is applied, resume from the last "
-                              "checkpoint (run.on_nonfinite=skip makes DeepSpeed skip such steps)", float(grad_norm),
-                 FloatingPointError)
+        if self.cfg.run.on_nonfinite == "stop":
+            self._stop_if_nonfinite(interval.losses[-accum:], grad_norm)
         interval.grad_norms.append(float(grad_norm) if grad_norm is not None else float("nan"))
         interval.steps += 1
         self.last_mask = batch_mask

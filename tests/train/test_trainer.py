@@ -131,3 +131,15 @@ def test_gpu_busy_time_counts_overlapping_kernels_once():
     assert gpu_busy_us(events) == 21.0 and gpu_busy_us([]) == 0.0
     assert busy_line(21000.0, 42000.0, 2) == ("GPU busy 10.5 ms of 21.0 ms wall per step (50.0%; the rest it waited "
                                               "for the host)")
+
+
+def test_phase_lines_count_the_gpu_idle_time_of_each_phase():
+    from bbm.train.profiling import phase_lines
+    events = [{"cat": "user_annotation", "name": "bbm.forward", "ts": 0.0, "dur": 10000.0},
+              {"cat": "user_annotation", "name": "bbm.optimizer", "ts": 10000.0, "dur": 4000.0},
+              {"cat": "user_annotation", "name": "ProfilerStep", "ts": 0.0, "dur": 14000.0},  # not a phase
+              {"cat": "kernel", "ts": 1000.0, "dur": 6000.0}, {"cat": "kernel", "ts": 2000.0, "dur": 1000.0},
+              {"cat": "kernel", "ts": 9000.0, "dur": 2000.0}]  # 1 ms in each phase
+    assert phase_lines(events, steps=1).splitlines() == [
+        "  forward                  host    10.0 ms, GPU idle    3.0 ms",
+        "  optimizer                host     4.0 ms, GPU idle    3.0 ms"]
