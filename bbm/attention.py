@@ -91,7 +91,7 @@ def choose_backend(q, mask: Optional[Mask]) -> str:
     if torch.compiler.is_compiling():  # the document plans read the document list on the host
         return "triton"
     if ragged.supported(q) and ragged.plan(mask, q.shape[0]) is not None:
-        return "ragged"
+        return "sdpa" if mask.exactly_causal else "ragged"  # the plan finds a mask of one document per sample
     if split.supported(q) and split.plan_for(q, mask) is not None:
         return "split"
     return "triton"

@@ -85,7 +85,8 @@ class Documents:
 def plan(mask: Mask, batch: int) -> Optional[Documents]:
     """The documents of a causal document mask for inputs of ``batch`` samples (a mask shared by the batch repeats
     them per sample), or None if it is not one. Cached on the mask; built on the mask's device with two small
-    syncs (the document count and the longest length decide the graph's shape on the host)."""
+    syncs (the document count and the longest length decide the graph's shape on the host). A mask found to hold
+    one document per sample is marked ``exactly_causal``."""
     if mask.documents is None or not mask.documents_causal:
         return None
     key = ("ragged", batch)
@@ -93,6 +94,8 @@ def plan(mask: Mask, batch: int) -> Optional[Documents]:
         doc = mask.documents
         n, end = doc.shape[1], batch * doc.shape[1]
         first, length = document_spans(doc.expand(batch, n))  # a mask shared by the batch: its documents per sample
+        if first.numel() == batch:  # one document per sample: the mask is plain causal (SDPA's case, see auto)
+            mask.exactly_causal = True
         tail = lambda size, value: torch.full((size,), value, dtype=first.dtype, device=doc.device)
         count = 1 << (first.numel() - 1).bit_length()
         pad = count - first.numel()  # padding documents start at the end, empty

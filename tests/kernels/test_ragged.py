@@ -43,6 +43,16 @@ def test_plan_of_a_shared_mask_repeats_its_documents():
     assert docs.lengths.flatten().tolist() == [70, 30] * 3 + [0, 0]
 
 
+def test_plan_marks_one_document_per_sample_exactly_causal():
+    one = bbm.Mask.from_documents(torch.tensor([[3] * 16, [5] * 16]))
+    two = bbm.Mask.from_documents(torch.tensor([[3] * 16, [5] * 15 + [6]]))
+    shared = bbm.Mask.from_documents(torch.tensor([[4] * 16]))
+    for mask, causal in ((one, True), (two, False), (shared, True)):
+        assert not mask.exactly_causal
+        ragged.plan(mask, batch=2)
+        assert mask.exactly_causal == causal
+
+
 def test_plan_needs_a_causal_document_mask():
     doc = torch.tensor([[0] * 8 + [1] * 8])
     for mask in (bbm.Mask.from_documents(doc, window=4), bbm.Mask.from_documents(doc, causal=False),
@@ -82,6 +92,15 @@ def test_ragged_documents_gpu(dtype, d, kv_heads, shared, packed):
     assert ragged.supported(q) and bbm.choose_backend(q, mask) == "ragged"
     check_against_dense(q, k, v, mask, scale=d ** -0.5,
                         run=lambda q, k, v: bbm.attention(q, k, v, mask, scale=d ** -0.5, backend="ragged"))
+
+
+@needs_gpu
+@needs_cudnn_frontend
+def test_one_document_per_sample_runs_as_plain_causal_attention_gpu():
+    mask = bbm.Mask.from_documents(torch.tensor([[3] * 1000, [5] * 1000], device=CUDA))
+    q, k, v = packed_qkv(2, 8, 4, 1000, 128, torch.bfloat16, CUDA)
+    assert bbm.choose_backend(q, mask) == "sdpa" and mask.exactly_causal
+    check_against_dense(q, k, v, mask, scale=0.1, run=lambda q, k, v: bbm.attention(q, k, v, mask, scale=0.1))
 
 
 @needs_gpu
