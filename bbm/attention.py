@@ -69,12 +69,27 @@ def _validate(q, k, v, mask, scale, backend):
 # SDPA backends, fastest first on Hopper (cuDNN); each passes inputs it rejects to the next one
 _SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                SDPBackend.MATH]
+_warm_layouts = set()  # the (shape, strides, ...) keys of the inputs _warm_causal has run for
 
 
 def _sdpa(q, k, v, causal: bool, scale: float):
     with sdpa_kernel(_SDPA_ORDER, set_priority=True):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
                                               enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _warm_causal(q, k, v, scale):
+    """Runs SDPA's causal attention forward and backward once per layout of document-mask inputs: a micro-batch
+    of one document per sample goes there (see ``choose_backend``), and cuDNN builds its graphs on a shape's first
+    call (tens of ms), which a training run then pays up front, with the ragged graphs, not in some later step."""
+    key = (q.shape, q.stride(), k.shape, k.stride(), q.dtype, q.device, scale)
+    if key in _warm_layouts or torch.are_deterministic_algorithms_enabled():  # no deterministic SDPA backward
+        return
+    _warm_layouts.add(key)
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]  # the same strides, apart from the graph
+        out = _sdpa(*leaves, True, scale)
+        out.backward(out.detach())
 
 
 def _triton(q, k, v, mask, scale):
@@ -143,6 +158,7 @@ def attention(q, k, v, mask: Optional[Mask] = None, *, scale: Optional[float] = 
     elif backend == "split" and (plan := split.plan_for(q, mask)) is not None:
         out = split.split_attention(q, k, v, plan, scale)
     elif backend == "ragged":
+        _warm_causal(q, k, v, scale)
         out = ragged.ragged_attention(q, k, v, ragged.plan(mask, q.shape[0]), scale)
     else:  # triton, reference, or a split with no document long enough for a block
         if mask is None:

@@ -16,7 +16,10 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     micro, accum = cfg.run.micro_batch_size, ds.gradient_accumulation_steps
     zero = {"stage": ds.zero_stage, "contiguous_gradients": True}
     if ds.zero_stage >= 1:
-        zero.update(overlap_comm=False, reduce_scatter=True, allgather_partitions=True)
+        # gradients are reduced (and copied into their partition, a host loop over parameters) a bucket at a
+        # time as the backward produces them: buckets of 5e7 elements (DeepSpeed's default is 5e8) let that run
+        # while the rest of the backward is still queued on the GPU, instead of all of it after the backward
+        zero.update(overlap_comm=False, reduce_scatter=True, allgather_partitions=True, reduce_bucket_size=50_000_000)
     config = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
