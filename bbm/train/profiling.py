@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from bbm._files import temp_path, write_atomic
@@ -23,6 +22,7 @@ KINDS = (("attention", r"fwd_kernel|bwd_kernel|attn|attention|flash|fmha|sdpa|cu
          ("communication", r"nccl"),
          ("copies", r"memcpy|memset"))
 OTHER = "element-wise and other"
+GPU_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")  # Chrome-trace categories of work on the GPU
 
 
 def kernel_kind(name: str) -> str:
@@ -50,7 +50,7 @@ def busy_spans(trace_events) -> list:
     trace's events (overlapping ones, e.g. on several streams, merged)."""
     merged = []
     for start, end in sorted((e["ts"], e["ts"] + e["dur"]) for e in trace_events
-                             if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e):
+                             if e.get("cat") in GPU_EVENTS and "dur" in e):
         if merged and start <= merged[-1][1]:
             merged[-1][1] = max(merged[-1][1], end)
         else:
@@ -81,6 +81,16 @@ def phase_lines(trace_events, steps: int) -> str:
 def busy_line(busy_us: float, wall_us: float, steps: int) -> str:
     return (f"GPU busy {busy_us / steps / 1e3:.1f} ms of {wall_us / steps / 1e3:.1f} ms wall per step "
             f"({100 * busy_us / wall_us:.1f}%; the rest it waited for the host)")
+
+
+def gpu_summary(trace_events, wall_us: float, steps: int) -> str:
+    """The profile table's head on a GPU: kernel time by kind, busy time, and the phases' idle time, per step.
+    Kernels come from the trace's GPU events (the operator table also lists each compiled graph with the time
+    of its kernels, which would count them twice)."""
+    kernels = [(e["name"], e["dur"]) for e in trace_events if e.get("cat") in GPU_EVENTS and "dur" in e]
+    return (kernel_breakdown(kernels, steps) + "\n" + busy_line(gpu_busy_us(trace_events), wall_us, steps) + "\n"
+            + "per step phase (host wall time, and the GPU's idle time meanwhile):\n"
+            + phase_lines(trace_events, steps) + "\n")
 
 
 class StepProfiler:
@@ -119,11 +129,7 @@ class StepProfiler:
         head = f"steps {self.first}-{self.last}, sorted by {sort}\n"
         if self.cuda:
             steps = self.last - self.first + 1
-            kernels = [(a.key, a.self_device_time_total) for a in averages if a.device_type == DeviceType.CUDA]
-            events = json.loads(trace.read_text())["traceEvents"]
-            busy = gpu_busy_us(events)
-            head += kernel_breakdown(kernels, steps) + "\n" + busy_line(busy, wall_us, steps) + "\n"
-            head += "per step phase (host wall time, and the GPU's idle time meanwhile):\n" + phase_lines(events, steps) + "\n"
+            head += gpu_summary(json.loads(trace.read_text())["traceEvents"], wall_us, steps)
         table = averages.table(sort_by=sort, row_limit=40, max_name_column_width=70)
         write_atomic(self.dir / f"ops_rank{self.rank}.txt", f"{head}{table}\n")
 

@@ -143,3 +143,21 @@ def test_phase_lines_count_the_gpu_idle_time_of_each_phase():
     assert phase_lines(events, steps=1).splitlines() == [
         "  forward                  host    10.0 ms, GPU idle    3.0 ms",
         "  optimizer                host     4.0 ms, GPU idle    3.0 ms"]
+
+
+def test_gpu_summary_counts_each_kernel_once():
+    """Kernel kinds come from the trace's GPU events, not from the operator table's compiled-graph entries."""
+    from bbm.train.profiling import gpu_summary
+    events = [{"cat": "kernel", "name": "triton_poi_fused_mul_silu_0", "ts": 0.0, "dur": 2000.0},
+              {"cat": "kernel", "name": "nvjet_sm90_tst_256x128", "ts": 2000.0, "dur": 6000.0},
+              {"cat": "cpu_op", "name": "## Call CompiledFxGraph abc", "ts": 0.0, "dur": 2500.0},
+              {"cat": "gpu_memset", "name": "Memset (Device)", "ts": 8000.0, "dur": 2000.0},
+              {"cat": "user_annotation", "name": "bbm.forward", "ts": 0.0, "dur": 12000.0}]
+    assert gpu_summary(events, wall_us=12000.0, steps=1).splitlines() == [
+        "GPU kernel time per step: 10.0 ms",
+        "  matmul                         6.0 ms   60.0%",
+        f"  {'element-wise and other':<24}       2.0 ms   20.0%",
+        "  copies                         2.0 ms   20.0%",
+        "GPU busy 10.0 ms of 12.0 ms wall per step (83.3%; the rest it waited for the host)",
+        "per step phase (host wall time, and the GPU's idle time meanwhile):",
+        "  forward                  host    12.0 ms, GPU idle    2.0 ms"]
