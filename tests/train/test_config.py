@@ -94,8 +94,10 @@ def test_deepspeed_dict_follows_the_yaml():
     ds = deepspeed_config(cfg, world_size=8)
     assert ds["train_batch_size"] == 2 * 4 * 8 and ds["train_micro_batch_size_per_gpu"] == 2
     assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 0.5
-    assert ds["bf16"] == {"enabled": True} and ds["zero_optimization"]["stage"] == 3
+    assert ds["bf16"] == {"enabled": True, "check_grad_overflow": False} and ds["zero_optimization"]["stage"] == 3
     assert ds["zero_optimization"]["stage3_max_live_parameters"] == 1000  # extra merged last
+    skip = deepspeed_config(load_config(REPO / "configs/tiny_cpu.yaml", ["run.on_nonfinite=skip"]), world_size=1)
+    assert skip["bf16"]["check_grad_overflow"]  # DeepSpeed skips steps with non-finite gradients
 
 
 @pytest.mark.parametrize("script", ["quickstart.sh", "single_node.sh", "multi_node.sh", "slurm.sbatch"])
