@@ -82,8 +82,10 @@ def _warm_causal(q, k, v, scale):
     """Runs SDPA's causal attention forward and backward once per layout of document-mask inputs: a micro-batch
     of one document per sample goes there (see ``choose_backend``), and cuDNN builds its graphs on a shape's first
     call (tens of ms), which a training run then pays up front, with the ragged graphs, not in some later step."""
+    if not any(t.requires_grad for t in (q, k, v)) or torch.are_deterministic_algorithms_enabled():
+        return  # no backward to prepare (inference), or none SDPA can run deterministically
     key = (q.shape, q.stride(), k.shape, k.stride(), q.dtype, q.device, scale)
-    if key in _warm_layouts or torch.are_deterministic_algorithms_enabled():  # no deterministic SDPA backward
+    if key in _warm_layouts:
         return
     _warm_layouts.add(key)
     with torch.enable_grad():
