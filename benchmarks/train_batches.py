@@ -59,11 +59,11 @@ def main():
     for i, batch in enumerate(batches(cfg, args.batches)):
         doc = batch["doc_ids"].to(device)
         lengths = torch.unique_consecutive(doc[0], return_counts=True)[1]
-        row = {"batch": i, "documents": len(lengths), "shortest": int(lengths.min()), "longest": int(lengths.max())}
+        row = {"batch": i, "documents": len(lengths), "shortest": int(lengths.min()), "longest": int(lengths.max()),
+               "density": build_mask(doc, "bbm", check=False).density}  # of the documents' mask, whatever the backend
         for name in names:
             backend, _, path = name.partition(":")
             batch_mask = build_mask(doc, backend, bbm_backend=path or "auto", check=False)
-            row["density"] = batch_mask.density
             row[name] = timed(lambda: attend(q, k, v, batch_mask).backward(grad), device, repeat=args.repeat,
                               warmup=2)
             totals[name] += row[name]

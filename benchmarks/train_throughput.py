@@ -8,7 +8,8 @@
 Each backend trains in its own child process (a hung compile or an out-of-memory stays there) for
 --warmup + --steps optimizer steps of one 32k sequence each. Steps differ with their batch's documents (the
 same batches for every backend), so the rates are over the timed steps as a whole (their total work over their
-total time) and the step time is their mean; the attention gain is fwd+bwd of one layer's attention vs dense causal SDPA on the last batch.
+total time) and the step time is their mean; the attention gain is fwd+bwd of one layer's attention vs dense
+causal SDPA on the last batch.
 Results: --out (default benchmarks/results/train_throughput.json) and a table on stdout.
 """
 import argparse
