@@ -88,7 +88,9 @@ def _warm_causal(q, k, v, scale):
     if key in _warm_layouts:
         return
     _warm_layouts.add(key)
-    with torch.enable_grad():
+    # its own graph, with hooks of its own: an activation checkpoint's forward must not record what it saves (the
+    # recompute runs no warm-up, and would find the saved tensors differ)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]  # the same strides, apart from the graph
         out = _sdpa(*leaves, True, scale)
         out.backward(out.detach())

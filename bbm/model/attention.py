@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import bbm
 from bbm._checks import check_tensor, fail
+from bbm.masks.mask import document_spans
 from bbm.model.config import ATTENTION_BACKENDS
 
 _warned_causal = False
@@ -40,6 +41,17 @@ class BatchMask:
     @property
     def density(self) -> float:
         return self.mask.density
+
+
+def allowed_pairs(doc_ids, backend: str) -> int:
+    """(query, key) pairs per head that ``backend`` attends to in a micro-batch of these document ids ``(B, N)``:
+    each document's causal triangle (the whole row's for ``sdpa_causal``), as ``BatchMask.allowed_pairs`` counts
+    them. Ids still on the host need no device sync: the trainer counts them before the batch moves."""
+    b, n = doc_ids.shape
+    if backend == "sdpa_causal":
+        return b * n * (n + 1) // 2
+    lengths = document_spans(doc_ids)[1]
+    return int((lengths * (lengths + 1) // 2).sum())
 
 
 def build_mask(doc_ids, backend: str, bbm_backend: str = "auto", check: bool = True) -> BatchMask:

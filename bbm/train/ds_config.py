@@ -20,6 +20,11 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         # time as the backward produces them: buckets of 5e7 elements (DeepSpeed's default is 5e8) let that run
         # while the rest of the backward is still queued on the GPU, instead of all of it after the backward
         zero.update(overlap_comm=False, reduce_scatter=True, allgather_partitions=True, reduce_bucket_size=50_000_000)
+    if ds.zero_stage == 3:
+        # keep torch's F.linear: DeepSpeed's replacement reads each weight's integer ds_id, which torch.compile
+        # guards on, so the blocks' compiled regions recompiled per layer and fell back to eager past the limit
+        # (and an activation checkpoint's recompute then saved other tensors than its forward)
+        zero["memory_efficient_linear"] = False
     config = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,

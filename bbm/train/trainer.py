@@ -19,7 +19,7 @@ from torch.profiler import record_function
 
 from bbm._checks import fail
 from bbm.distributed import ParallelGroups, UlyssesAttention, sequence_parallel_loss, shard_batch
-from bbm.model import Decoder, attend, build_mask
+from bbm.model import Decoder, allowed_pairs, attend, build_mask
 from bbm.model.decoder import Block
 from bbm.train import checkpoint as ckpt
 from bbm.train.config import TrainConfig, to_dict
@@ -180,13 +180,16 @@ class Trainer:
         return {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
 
     def _forward(self, batches, skipped: list):
-        """Loss of the next micro-batch. With run.on_nonfinite=skip, one with a finite loss on every rank: a
-        non-finite one is dropped and replaced by the next batch. With stop, the step checks its losses at its
-        end (``_stop_if_nonfinite``), so a forward pass does not wait for its loss to reach the host."""
+        """Loss of the next micro-batch, with the batch, its mask and its allowed pairs (counted on the host). With
+        run.on_nonfinite=skip, one with a finite loss on every rank: a non-finite one is dropped and replaced by the
+        next batch. With stop, the step checks its losses at its end (``_stop_if_nonfinite``), so a forward pass
+        does not wait for its loss to reach the host."""
         run = self.cfg.run
         while True:
             with record_function("bbm.batch"):  # profiler annotations name the step's phases
-                batch = self._to_device(next(batches))
+                host = next(batches)
+                pairs = allowed_pairs(host["doc_ids"], self.model_cfg.attention)  # before the batch moves: no sync
+                batch = self._to_device(host)
                 # whole sequence, every layer
                 batch_mask = build_mask(batch["doc_ids"], self.model_cfg.attention, self.model_cfg.bbm_backend,
                                         check=False)  # PackedLoader's document ids are runs by construction
@@ -197,7 +200,7 @@ class Trainer:
                 if self.sp > 1:  # this rank's share of the whole sequence's mean loss
                     loss = sequence_parallel_loss(loss, batch["labels"], self.groups.sp_group)
                 if run.on_nonfinite == "stop" or not self._any_rank(not bool(torch.isfinite(loss.detach()))):
-                    return batch, batch_mask, loss
+                    return batch, batch_mask, loss, pairs
             step = self.step + 1
             skipped.append(step)
             if len(skipped) > run.max_skips:
@@ -234,7 +237,7 @@ class Trainer:
         grad_norm = None
         for micro in range(accum):
             skipped = []
-            batch, batch_mask, loss = self._forward(batches, skipped)
+            batch, batch_mask, loss, pairs = self._forward(batches, skipped)
             interval.skipped += len(skipped)
             with record_function("bbm.backward"):
                 self.engine.backward(loss)
@@ -243,7 +246,7 @@ class Trainer:
                     grad_norm = self._grad_norm_fp32()
                 self.engine.step()
             tokens = batch["tokens"].numel()
-            pairs = batch_mask.allowed_pairs() / self.sp  # this rank attends for 1/sp of the heads
+            pairs /= self.sp  # this rank attends for 1/sp of the heads
             b, n = batch["tokens"].shape[0], batch["tokens"].shape[1] * self.sp
             interval.losses.append(loss.detach().float())
             interval.totals += torch.tensor([

@@ -1,5 +1,7 @@
 """Document masks as one cuDNN call over ragged sequences (bbm.ragged): the plan's offsets and lengths (CPU), and the
 attention against a float64 dense reference, outputs and gradients (GPU with cudnn-frontend installed)."""
+import importlib
+
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -121,21 +123,45 @@ def test_ragged_deterministic_backward_gpu():
 
 @needs_gpu
 @needs_cudnn_frontend
-def test_ragged_under_activation_checkpointing_gpu():
-    """The recompute runs the forward again on the autograd engine's thread, with the graphs built on the main one:
-    the gradients are those of the plain run."""
+def test_ragged_under_activation_checkpointing_gpu(monkeypatch):
+    """The first call of a layout (with its SDPA warm-up) is a checkpointed forward; the recompute runs it again
+    on the autograd engine's thread, with the graphs built on the main one: the gradients are those of the plain
+    run."""
+    monkeypatch.setattr(importlib.import_module("bbm.attention"), "_warm_layouts", set())
     doc = random_doc_ids(1, 2500, 7, generator=torch.Generator().manual_seed(5), device=CUDA)
     mask = bbm.Mask.from_documents(doc)
     q, k, v = packed_qkv(1, 8, 4, 2500, 64, torch.bfloat16, CUDA)
     run = lambda q, k, v: bbm.attention(q, k, v, mask, backend="ragged")
     g = torch.randn(1, 8, 2500, 64, device=CUDA, dtype=torch.bfloat16)
-    plain = run(q, k, v)
-    want = torch.autograd.grad(plain, (q, k, v), g)
     out = checkpoint(run, q, k, v, use_reentrant=False)
     got = torch.autograd.grad(out, (q, k, v), g)
+    plain = run(q, k, v)
+    want = torch.autograd.grad(plain, (q, k, v), g)
     assert torch.equal(out, plain)
     for a, b in zip(got, want):  # the backward may accumulate in another order
         assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
+
+
+def test_causal_warm_up_inside_an_activation_checkpoint(monkeypatch):
+    """The ragged path's first call for a layout runs SDPA forward and backward once (``_warm_causal``); inside a
+    checkpointed layer that first call is the forward, and the recompute, which runs no warm-up, must find the
+    tensors the forward saved (the 1B preset's first step once failed there)."""
+    dispatch = importlib.import_module("bbm.attention")
+    monkeypatch.setattr(dispatch, "_warm_layouts", set())
+    mask = bbm.Mask.from_documents(random_doc_ids(1, 48, 3, generator=torch.Generator().manual_seed(1)))
+
+    def layer(q, k, v):
+        dispatch._warm_causal(q, k, v, 0.25)
+        return bbm.attention(q, k, v, mask, scale=0.25)
+
+    q, k, v = packed_qkv(1, 4, 2, 48, 16, torch.float32)
+    g = torch.randn(1, 4, 48, 16)
+    out = checkpoint(layer, q, k, v, use_reentrant=False)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    assert len(dispatch._warm_layouts) == 1  # it did run, in the checkpointed forward
+    want = torch.autograd.grad(layer(q, k, v), (q, k, v), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
 
 
 def test_warm_up_shapes_cover_every_micro_batch_of_common_documents():

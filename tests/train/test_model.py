@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from bbm.model import ATTENTION_BACKENDS, Decoder, ModelConfig, build_mask
+from bbm.model import ATTENTION_BACKENDS, Decoder, ModelConfig, allowed_pairs, build_mask
 from bbm.testing import document_positions
 from bbm.train.flops import attention_gain, step_flops
 
@@ -88,6 +88,8 @@ def test_allowed_pairs_and_flops():
     assert mask.allowed_pairs() == int(dense.sum()) * (B // dense.shape[0])
     lengths = torch.unique_consecutive(doc[0], return_counts=True)[1]
     assert int(build_mask(doc[:1], "sdpa_masked").allowed_pairs()) == int((lengths * (lengths + 1) // 2).sum())
+    for backend in ("bbm", "sdpa_masked", "sdpa_causal"):  # the trainer's count from the ids, before they move
+        assert allowed_pairs(doc, backend) == build_mask(doc, backend).allowed_pairs(), backend
     assert step_flops(10, 100, 2, 4, 8, 1000) == 6 * 10 * 100 + 12 * 2 * 4 * 8 * 1000
 
 

@@ -44,6 +44,12 @@ def test_zero3_keeps_last_checkpoints_only(results):
     assert (root / "latest").read_text() == "step_00000006"
 
 
+def test_zero3_keeps_torch_linear(results):
+    """DeepSpeed's ZeRO-3 linear reads each weight's integer ds_id, which torch.compile guards on: the blocks'
+    compiled regions recompiled per layer, fell back to eager, and broke activation checkpointing."""
+    assert all(scenario(results, "stages")[f"zero{stage}"]["torch_linear"] for stage in range(4))
+
+
 def test_metrics_jsonl_and_wandb_offline(results):
     run = scenario(results, "stages")["zero2"]
     run_dir = Path(run["summary"]["run_dir"])
