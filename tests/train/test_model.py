@@ -90,6 +90,8 @@ def test_allowed_pairs_and_flops():
     assert int(build_mask(doc[:1], "sdpa_masked").allowed_pairs()) == int((lengths * (lengths + 1) // 2).sum())
     for backend in ("bbm", "sdpa_masked", "sdpa_causal"):  # the trainer's count from the ids, before they move
         assert allowed_pairs(doc, backend) == build_mask(doc, backend).allowed_pairs(), backend
+    one_token_and_whole_row = torch.tensor([[5, 5, 2, 2, 2, 7], [1, 1, 1, 1, 1, 1]])
+    assert allowed_pairs(one_token_and_whole_row, "flex") == 3 + 6 + 1 + 21
     assert step_flops(10, 100, 2, 4, 8, 1000) == 6 * 10 * 100 + 12 * 2 * 4 * 8 * 1000
 
 
