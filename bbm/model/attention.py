@@ -12,12 +12,12 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 import bbm
 from bbm._checks import check_tensor, fail
+from bbm.masks.mask import document_spans
 from bbm.model.config import ATTENTION_BACKENDS
 
 _warned_causal = False
@@ -50,11 +50,7 @@ def allowed_pairs(doc_ids, backend: str) -> int:
     b, n = doc_ids.shape
     if backend == "sdpa_causal":
         return b * n * (n + 1) // 2
-    # numpy, one thread: torch's CPU ops wake its thread pool, which took tens of ms a batch beside a training step
-    ids = doc_ids.cpu().numpy()
-    starts = np.ones(ids.shape, dtype=bool)  # each row starts a document
-    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    lengths = np.diff(np.append(np.flatnonzero(starts), ids.size)).astype(np.int64)
+    lengths = document_spans(doc_ids.cpu())[1]
     return int((lengths * (lengths + 1) // 2).sum())
 
 
