@@ -28,7 +28,7 @@ import torch
 
 from bbm._checks import cudnn_takes
 from bbm.masks import Mask
-from bbm.masks.mask import document_spans
+from bbm.masks.mask import document_spans, to_device
 
 SHORTEST = 64  # the longest-document size classes start here
 _lock = threading.Lock()  # held while building or running a graph: a cuDNN handle serves one thread at a time
@@ -84,23 +84,23 @@ class Documents:
 
 def plan(mask: Mask, batch: int) -> Optional[Documents]:
     """The documents of a causal document mask for inputs of ``batch`` samples (a mask shared by the batch repeats
-    them per sample), or None if it is not one. Cached on the mask; built on the mask's device with two small
-    syncs (the document count and the longest length decide the graph's shape on the host). A mask found to hold
-    one document per sample is marked ``exactly_causal``."""
+    them per sample), or None if it is not one. Cached on the mask; read from the mask's host ids (no device sync
+    for a mask built from host ids, see ``Mask.from_documents``; otherwise one, to copy them): the document count
+    and the longest length decide the graph's shape on the host. A mask found to hold one document per sample is
+    marked ``exactly_causal``."""
     if mask.documents is None or not mask.documents_causal:
         return None
     key = ("ragged", batch)
     if key not in mask._meta:
-        doc = mask.documents
-        n, end = doc.shape[1], batch * doc.shape[1]
-        first, length = document_spans(doc.expand(batch, n))  # a mask shared by the batch: its documents per sample
+        n = mask.n_q
+        first, length = document_spans(mask.host_documents().expand(batch, n))  # per sample of the batch
         if first.numel() == batch:  # one document per sample: the mask is plain causal (SDPA's case, see auto)
             mask.exactly_causal = True
-        tail = lambda size, value: torch.full((size,), value, dtype=first.dtype, device=doc.device)
         count = 1 << (first.numel() - 1).bit_length()
         pad = count - first.numel()  # padding documents start at the end, empty
-        mask._meta[key] = Documents(torch.cat([first, tail(pad + 1, end)]),
-                                    torch.cat([length, tail(pad, 0)]).to(torch.int32).view(-1, 1, 1, 1), count,
+        first = torch.cat([first, first.new_full((pad + 1,), batch * n)])
+        lengths = torch.cat([length, length.new_zeros(pad)]).to(torch.int32).view(-1, 1, 1, 1)
+        mask._meta[key] = Documents(to_device(first, mask.device), to_device(lengths, mask.device), count,
                                     size_class(int(length.max())), batch, n)
     return mask._meta[key]
 

@@ -26,7 +26,7 @@ import torch
 
 from bbm._checks import cudnn_takes
 from bbm.masks import Mask
-from bbm.masks.mask import document_spans
+from bbm.masks.mask import document_spans, to_device
 
 # A document is worth its own cuDNN call when its work is at least that of MIN_BLOCK tokens at 16 heads of
 # 128 dims: below that the calls' host cost outweighs what cuDNN saves over the Triton kernels (on an H100,
@@ -59,20 +59,20 @@ class Split:
 
 def plan(mask: Mask, min_block: int) -> Optional[Split]:
     """The split of a causal document mask, or None if it is not one or has no document of ``min_block`` tokens.
-    Built once per mask and threshold and cached on the mask (one device sync: the document ids go to the
-    host, which decides the blocks)."""
+    Built once per mask and threshold and cached on the mask, on the host from the mask's host ids (a device sync
+    to copy them, unless the mask was built from host ids)."""
     if mask.documents is None or not mask.documents_causal:
         return None
     key = ("split", min_block)
     if key not in mask._meta:
         doc = mask.documents
         rows, n = doc.shape
-        first, length = document_spans(doc.cpu())  # on the host, which decides the blocks
+        first, length = document_spans(mask.host_documents())  # the host decides the blocks
         long = length >= min_block
         covered = torch.repeat_interleave(long, length).view(rows, n)
         residual = None
         if not covered.all():  # the other documents keep their rows' key ranges; the blocks' rows get none
-            in_block = covered.to(doc.device, non_blocking=True).view(rows, 1, n)
+            in_block = to_device(covered, doc.device).view(rows, 1, n)
             residual = Mask(n_q=n, n_k=n, ranges=mask.ranges.masked_fill(in_block, 0))
         sample = (lambda f: f // n) if rows > 1 else (lambda f: None)
         spans = sorted(((sample(f), f % n, size) for f, size in zip(first[long].tolist(), length[long].tolist())),

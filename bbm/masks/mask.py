@@ -35,6 +35,7 @@ class Mask:
         # int (Bm, N) document ids when the mask is exactly "attend within the own document" (causally if
         # documents_causal): block diagonal, so bbm may run each document as a plain attention (bbm.split)
         self.documents, self.documents_causal = documents, documents_causal
+        self._host_documents = None  # the same ids on the host, when the mask was built from host ids
         self._meta = {}
 
     # ------------------------------------------------------------------ constructors
@@ -88,19 +89,27 @@ class Mask:
 
     @classmethod
     def from_documents(cls, doc_ids, causal: bool = True, window: Optional[int] = None, prefix=None,
-                       *, check: bool = True):
+                       *, check: bool = True, device=None):
         """``doc_ids``: int ``(B, N)``; a run of equal consecutive ids is one document. A token attends only
         to tokens of its own document; causally if ``causal``; with ``window``, only to the ``window`` most
         recent positions, itself included (non-causal: positions less than ``window`` away).
 
         ``prefix``: optional bool ``(B, N)`` marking each document's bidirectional prefix (a run at the
         document's start): prefix tokens see the whole prefix, the rest is causal (prefix-LM).
-        ``check`` verifies that every document is one contiguous run (one device sync)."""
+        ``check`` verifies that every document is one contiguous run (one device sync).
+
+        ``device``: where the mask lives (default: ``doc_ids``' device). Host ids with a GPU ``device`` are
+        copied there without waiting, and the mask keeps them: plans that read the document list on the host
+        (``bbm.ragged``, ``bbm.split``) then need no device sync."""
         check_tensor("doc_ids", doc_ids, ndim=2, dtype_kind="int")
         check_positive_int("window", window, allow_none=True)
         b, n = doc_ids.shape
         if n == 0 or b == 0:
             fail("doc_ids", "a non-empty (B, N) tensor", f"shape {tuple(doc_ids.shape)}")
+        host = None
+        if device is not None and torch.device(device) != doc_ids.device:
+            host = doc_ids if doc_ids.device.type == "cpu" else None
+            doc_ids = to_device(doc_ids, device)
         dev = doc_ids.device
         is_start = document_starts(doc_ids)
         if check:
@@ -112,8 +121,9 @@ class Mask:
         documents = doc_ids if window is None and prefix is None else None  # each document one plain block
         if doc_ids.is_cuda and causal and prefix is None:  # the training case: one Triton launch
             from bbm.kernels.meta import document_ranges  # imported lazily: CPU users never load Triton
-            return cls(n_q=n, n_k=n, ranges=document_ranges(doc_ids, window),
-                       documents=documents)
+            mask = cls(n_q=n, n_k=n, ranges=document_ranges(doc_ids, window), documents=documents)
+            mask._host_documents = host if documents is not None else None
+            return mask
         pos = torch.arange(n, device=dev, dtype=torch.int32).expand(b, n)
         start = torch.where(is_start, pos, 0).cummax(dim=1).values
         if not causal or prefix is not None:  # document ends: only non-causal and prefix-LM rows need them
@@ -145,6 +155,7 @@ class Mask:
             hi = torch.where(prefix, start + plen, hi)
         mask = cls.from_ranges(lo, hi, n_k=n)
         mask.documents, mask.documents_causal = documents, causal
+        mask._host_documents = host if documents is not None else None
         return mask
 
     @classmethod
@@ -307,6 +318,15 @@ class Mask:
         if mh not in (1, h_q):
             fail("mask", f"heads 1 or {h_q} (query heads)", f"heads {mh}")
 
+    def host_documents(self) -> torch.Tensor:
+        """The document ids of a document mask, int ``(Bm, N)`` on the host: those it was built from, or a copy
+        of ``documents`` (one device sync, once per mask)."""
+        if self.documents is None:
+            fail("mask", "a document mask (Mask.from_documents without window or prefix)", repr(self))
+        if self._host_documents is None:
+            self._host_documents = self.documents.cpu()
+        return self._host_documents
+
     def __repr__(self):
         kind = "ranges" if self.is_structured else ("dense, RCM-reordered" if self.perm is not None else "dense")
         return f"Mask({kind}, shape={self.shape}, device={self.device})"
@@ -320,19 +340,23 @@ def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
 
 
 def document_spans(doc_ids: torch.Tensor):
-    """(first, length), int64 on doc_ids' device: each document's first token as a flat index into (B, N) ids, and
-    its length (a document never crosses rows: each row starts one). A device sync (the document count) for ids
-    on a GPU; ids on the host go through numpy, on one thread (torch's CPU ops wake its thread pool, which took
-    tens of ms per 64k batch beside a training step)."""
-    if doc_ids.device.type == "cpu":
-        ids = doc_ids.numpy()
-        starts = np.ones(ids.shape, dtype=bool)
-        starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
-        first = np.flatnonzero(starts).astype(np.int64)
-        return torch.from_numpy(first), torch.from_numpy(np.diff(first, append=np.int64(ids.size)))
-    first = document_starts(doc_ids).flatten().nonzero().squeeze(1)
-    end = torch.full((1,), doc_ids.numel(), dtype=first.dtype, device=first.device)
-    return first, torch.diff(first, append=end)
+    """(first, length), int64 on the host: each document's first token as a flat index into (B, N) ids, and its
+    length (a document never crosses rows: each row starts one). Ids on a GPU are copied to the host (a sync).
+    Computed with numpy, on one thread (torch's CPU ops wake its thread pool, which took tens of ms per 64k batch
+    beside a training step)."""
+    ids = doc_ids.cpu().numpy()
+    starts = np.ones(ids.shape, dtype=bool)
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    first = np.flatnonzero(starts).astype(np.int64)
+    return torch.from_numpy(first), torch.from_numpy(np.diff(first, append=np.int64(ids.size)))
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` on ``device``; a host tensor goes to a GPU through pinned memory without waiting for the GPU."""
+    device = torch.device(device)
+    if t.device.type != "cpu" or device.type == "cpu":
+        return t.to(device)
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
 
 
 def _in_ranges(ranges: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

@@ -50,27 +50,28 @@ def allowed_pairs(doc_ids, backend: str) -> int:
     b, n = doc_ids.shape
     if backend == "sdpa_causal":
         return b * n * (n + 1) // 2
-    lengths = document_spans(doc_ids.cpu())[1]
+    lengths = document_spans(doc_ids)[1]
     return int((lengths * (lengths + 1) // 2).sum())
 
 
-def build_mask(doc_ids, backend: str, bbm_backend: str = "auto", check: bool = True) -> BatchMask:
+def build_mask(doc_ids, backend: str, bbm_backend: str = "auto", check: bool = True, device=None) -> BatchMask:
     """The attention mask of one micro-batch: ``doc_ids`` int ``(B, N)``, a run of equal ids is one document.
     ``bbm_backend`` is the path ``bbm.attention`` takes for backend ``bbm``. ``check`` verifies that each id is
-    one run (a device sync; the packed loader's ids are by construction)."""
+    one run (a device sync; the packed loader's ids are by construction). ``device``: where the mask lives
+    (default: the ids'); host ids with a GPU ``device`` spare bbm's document plans a device sync."""
     check_tensor("doc_ids", doc_ids, ndim=2, dtype_kind="int")
     if backend not in ATTENTION_BACKENDS:
         fail("backend", f"one of {ATTENTION_BACKENDS}", repr(backend))
     b, n = doc_ids.shape
     if backend == "sdpa_causal":
         _warn_causal_once()
-        return BatchMask(backend, b, bbm.Mask.causal(n, device=doc_ids.device))
-    mask = bbm.Mask.from_documents(doc_ids, check=check)
+        return BatchMask(backend, b, bbm.Mask.causal(n, device=device or doc_ids.device))
+    mask = bbm.Mask.from_documents(doc_ids, check=check, device=device)
     if backend == "bbm":
         return BatchMask(backend, b, mask, bbm_backend=bbm_backend)
     if backend == "sdpa_masked":
         return BatchMask(backend, b, mask, dense=mask.to_dense())
-    return BatchMask(backend, b, mask, block_mask=_flex_block_mask(doc_ids))
+    return BatchMask(backend, b, mask, block_mask=_flex_block_mask(mask.documents))
 
 
 def _warn_causal_once():

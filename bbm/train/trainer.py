@@ -19,6 +19,7 @@ from torch.profiler import record_function
 
 from bbm._checks import fail
 from bbm.distributed import ParallelGroups, UlyssesAttention, sequence_parallel_loss, shard_batch
+from bbm.masks.mask import to_device
 from bbm.model import Decoder, allowed_pairs, attend, build_mask
 from bbm.model.decoder import Block
 from bbm.train import checkpoint as ckpt
@@ -177,7 +178,8 @@ class Trainer:
         return bool(t.item())
 
     def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
+        """What the model reads of a loader batch, on the device; the document ids go in the mask instead."""
+        return {k: to_device(v, self.env.device) for k, v in batch.items() if k != "doc_ids"}
 
     def _forward(self, batches, skipped: list):
         """Loss of the next micro-batch, with the batch, its mask and its allowed pairs (counted on the host). With
@@ -190,9 +192,9 @@ class Trainer:
                 host = next(batches)
                 pairs = allowed_pairs(host["doc_ids"], self.model_cfg.attention)  # before the batch moves: no sync
                 batch = self._to_device(host)
-                # whole sequence, every layer
-                batch_mask = build_mask(batch["doc_ids"], self.model_cfg.attention, self.model_cfg.bbm_backend,
-                                        check=False)  # PackedLoader's document ids are runs by construction
+                # whole sequence, every layer; from the host's ids, which bbm's document plans read without a sync
+                batch_mask = build_mask(host["doc_ids"], self.model_cfg.attention, self.model_cfg.bbm_backend,
+                                        check=False, device=self.env.device)  # the loader's ids are runs
                 if self.sp > 1:
                     batch = shard_batch(batch, self.groups.sp_rank, self.sp)
             with record_function("bbm.forward"):

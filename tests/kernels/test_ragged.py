@@ -55,6 +55,14 @@ def test_plan_marks_one_document_per_sample_exactly_causal():
         assert mask.exactly_causal == causal
 
 
+def test_a_mask_keeps_the_host_ids_it_was_built_from():
+    doc = random_doc_ids(2, 300, 7, generator=torch.Generator().manual_seed(5))
+    mask = bbm.Mask.from_documents(doc, device="cpu")
+    assert torch.equal(mask.host_documents(), doc) and torch.equal(mask.documents, doc)
+    with pytest.raises(ValueError, match="mask.*document mask"):
+        bbm.Mask.from_documents(doc, window=8).host_documents()
+
+
 def test_plan_needs_a_causal_document_mask():
     doc = torch.tensor([[0] * 8 + [1] * 8])
     for mask in (bbm.Mask.from_documents(doc, window=4), bbm.Mask.from_documents(doc, causal=False),
@@ -103,6 +111,33 @@ def test_one_document_per_sample_runs_as_plain_causal_attention_gpu():
     q, k, v = packed_qkv(2, 8, 4, 1000, 128, torch.bfloat16, CUDA)
     assert bbm.choose_backend(q, mask) == "sdpa" and mask.exactly_causal
     check_against_dense(q, k, v, mask, scale=0.1, run=lambda q, k, v: bbm.attention(q, k, v, mask, scale=0.1))
+
+
+@needs_gpu
+@needs_cudnn_frontend
+@pytest.mark.filterwarnings("ignore:Synchronization debug mode")
+def test_masks_from_host_ids_plan_and_attend_without_a_device_sync_gpu():
+    """A training micro-batch's mask from the host's ids: the same ranges and plan as from device ids, and its mask,
+    plan and attention (forward and backward, after the first call's graph builds) never wait for the GPU."""
+    doc = random_doc_ids(2, 3001, 30, generator=torch.Generator().manual_seed(11))
+    q, k, v = packed_qkv(2, 8, 4, 3001, 128, torch.bfloat16, CUDA)
+    g = torch.randn_like(q)
+    bbm.attention(q, k, v, bbm.Mask.from_documents(doc, device=CUDA)).backward(g)  # builds the graphs
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mask = bbm.Mask.from_documents(doc, check=False, device=CUDA)
+        plan = ragged.plan(mask, batch=2)
+        out = bbm.attention(q, k, v, mask)
+        out.backward(g)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    on_device = bbm.Mask.from_documents(doc.to(CUDA))
+    want = ragged.plan(on_device, batch=2)
+    assert mask.device.type == CUDA and torch.equal(mask.ranges, on_device.ranges)
+    assert (plan.count, plan.longest) == (want.count, want.longest)
+    assert torch.equal(plan.first, want.first) and torch.equal(plan.lengths, want.lengths)
+    check_against_dense(q, k, v, mask, scale=128 ** -0.5, run=lambda q, k, v: bbm.attention(q, k, v, mask))
 
 
 @needs_gpu
