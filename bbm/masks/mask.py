@@ -35,7 +35,7 @@ class Mask:
         # int (Bm, N) document ids when the mask is exactly "attend within the own document" (causally if
         # documents_causal): block diagonal, so bbm may run each document as a plain attention (bbm.split)
         self.documents, self.documents_causal = documents, documents_causal
-        self._host_documents = None  # the same ids on the host, when the mask was built from host ids
+        self._host_documents = None  # the ids on the host, when the mask was built from host ids
         self._meta = {}
 
     # ------------------------------------------------------------------ constructors
@@ -122,7 +122,7 @@ class Mask:
         if doc_ids.is_cuda and causal and prefix is None:  # the training case: one Triton launch
             from bbm.kernels.meta import document_ranges  # imported lazily: CPU users never load Triton
             mask = cls(n_q=n, n_k=n, ranges=document_ranges(doc_ids, window), documents=documents)
-            mask._host_documents = host if documents is not None else None
+            mask._host_documents = host
             return mask
         pos = torch.arange(n, device=dev, dtype=torch.int32).expand(b, n)
         start = torch.where(is_start, pos, 0).cummax(dim=1).values
@@ -155,7 +155,7 @@ class Mask:
             hi = torch.where(prefix, start + plen, hi)
         mask = cls.from_ranges(lo, hi, n_k=n)
         mask.documents, mask.documents_causal = documents, causal
-        mask._host_documents = host if documents is not None else None
+        mask._host_documents = host
         return mask
 
     @classmethod
