@@ -24,6 +24,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 
 from bbm._checks import cudnn_takes
@@ -66,7 +67,7 @@ def size_class(length: int) -> int:
 @dataclass(frozen=True)
 class Documents:
     """Every document of a micro-batch as a ragged batch, for inputs of ``batch`` samples of ``tokens`` tokens."""
-    first: torch.Tensor  # int64 (count + 1,) on the device: flat token index of each document, then the end
+    first: torch.Tensor  # int64 (count + 1,) on the device: flat token index of each document (longest first), then the end
     lengths: torch.Tensor  # int32 (count, 1, 1, 1) on the device; 0 for the padding documents
     count: int  # documents, rounded up to a power of two
     longest: int  # size_class of the longest document
@@ -94,6 +95,10 @@ def plan(mask: Mask, batch: int) -> Optional[Documents]:
     if key not in mask._meta:
         n = mask.n_q
         first, length = document_spans(mask.host_documents().expand(batch, n))  # per sample of the batch
+        # longest first: cuDNN starts the documents' tiles in this order, and a long document's tiles started last
+        # leave most SMs idle at the end (a probe: random order 6% slower, shortest first 8%; NOTES_attention.md)
+        order = torch.from_numpy(np.argsort(-length.numpy(), kind="stable"))
+        first, length = first[order], length[order]
         if first.numel() == batch:  # one document per sample: the mask is plain causal (SDPA's case, see auto)
             mask.exactly_causal = True
         count = 1 << (first.numel() - 1).bit_length()

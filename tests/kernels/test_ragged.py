@@ -31,9 +31,9 @@ def test_plan_lists_every_document():
     doc = torch.tensor([[0] * 5 + [1] + [2] * 10, [7] * 16])
     docs = ragged.plan(bbm.Mask.from_documents(doc), batch=2)
     assert docs.count == 4 and docs.longest == 64 and (docs.batch, docs.tokens) == (2, 16)
-    assert docs.first.tolist() == [0, 5, 6, 16, 32]  # then the end
-    assert docs.lengths.flatten().tolist() == [5, 1, 10, 16]
-    assert docs.offsets(32).flatten().tolist() == [0, 160, 192, 512, 1024]  # token index x elements per token
+    assert docs.first.tolist() == [16, 6, 0, 5, 32]  # longest first, then the end
+    assert docs.lengths.flatten().tolist() == [16, 10, 5, 1]
+    assert docs.offsets(32).flatten().tolist() == [512, 192, 0, 160, 1024]  # token index x elements per token
     assert docs.lengths.dtype == torch.int32 and docs.offsets(16).dtype == torch.int32
 
 
@@ -41,8 +41,19 @@ def test_plan_of_a_shared_mask_repeats_its_documents():
     doc = torch.tensor([[0] * 70 + [1] * 30])
     docs = ragged.plan(bbm.Mask.from_documents(doc), batch=3)
     assert docs.count == 8 and docs.longest == 128
-    assert docs.first.tolist() == [0, 70, 100, 170, 200, 270, 300, 300, 300]  # two empty documents at the end
-    assert docs.lengths.flatten().tolist() == [70, 30] * 3 + [0, 0]
+    assert docs.first.tolist() == [0, 100, 200, 70, 170, 270, 300, 300, 300]  # two empty documents at the end
+    assert docs.lengths.flatten().tolist() == [70] * 3 + [30] * 3 + [0, 0]
+
+
+def test_plan_orders_documents_longest_first_and_keeps_ties_in_token_order():
+    lengths = torch.randint(1, 40, (30,), generator=torch.Generator().manual_seed(11))
+    doc = torch.repeat_interleave(torch.arange(30), lengths).view(1, -1)
+    docs = ragged.plan(bbm.Mask.from_documents(doc), batch=1)
+    starts = torch.cumsum(lengths, 0) - lengths
+    expect = sorted(range(30), key=lambda i: (-int(lengths[i]), i))
+    assert docs.lengths.flatten()[:30].tolist() == [int(lengths[i]) for i in expect]
+    assert docs.first[:30].tolist() == [int(starts[i]) for i in expect]
+    assert docs.first[30:].tolist() == [int(lengths.sum())] * 3  # two empty documents, then the end
 
 
 def test_plan_marks_one_document_per_sample_exactly_causal():
