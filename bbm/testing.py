@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from bbm.masks.mask import document_starts
+from bbm.masks.documents import document_starts
 
 
 def dense_attention(q, k, v, allowed, scale=None):

@@ -152,8 +152,8 @@ def varlen_case(name, n, mask, q, k, v, grad, repeat, row):
 def sweep(q, k, v, grad, mask, repeat, row, which):
     """Candidate tile configs of bbm's kernels ("fwd" and/or "bwd"): forward and forward+backward times,
     and the largest relative difference of the output and gradients from the default config's."""
-    from bbm.kernels import flash_attention
-    from bbm.kernels.tuning import candidates
+    from bbm.attention.triton import flash_attention
+    from bbm.attention.triton.tuning import candidates
     scale = q.shape[-1] ** -0.5
     run = lambda cfg: (lambda q, k, v: flash_attention(q, k, v, mask, scale, cfg))
     outputs = lambda fn: [fn(q, k, v)] + list(fwd_bwd(fn, q, k, v, grad)())
@@ -185,15 +185,15 @@ def run_case(name, n, d, heads, kv_heads, args, dev):
     row = {"mask": name, "n": n, "n_q": n_q, "n_k": n_k, "d": d, "heads": heads, "kv_heads": kv_heads,
            "layout": args.layout}
     row["mask_build_ms"] = wall_ms(make_mask, repeat=args.repeat)  # the Mask alone (ranges or dense)
-    row["bbm_meta_ms"] = wall_ms(lambda: bbm.prepare(q, make_mask()), repeat=args.repeat)  # + tile lists
+    row["bbm_meta_ms"] = wall_ms(lambda: bbm.plan(q, make_mask()), repeat=args.repeat)  # + tile lists
     mask = make_mask()
     pairs = mask.allowed_pairs() * heads
-    row.update(density=mask.density, fwd_tflop=4 * d * pairs / 1e12, tiles=mask.block_summary(*META_TILE))
+    row.update(density=mask.density, fwd_tflop=4 * d * pairs / 1e12, tiles=mask.tile_summary(*META_TILE))
     row["bbm_backend"] = bbm.choose_backend(q, mask)
     fn = lambda q, k, v: bbm.attention(q, k, v, mask)
     row["bbm_fwd_ms"], row["bbm_fwdbwd_ms"] = time_pair(fn, q, k, v, grad, args.repeat)
     if row["bbm_backend"] != "triton":  # also the Triton kernels themselves, and their metadata alone
-        row["bbm_triton_meta_ms"] = wall_ms(lambda: bbm.prepare(q, make_mask(), "triton"), repeat=args.repeat)
+        row["bbm_triton_meta_ms"] = wall_ms(lambda: bbm.plan(q, make_mask(), "triton"), repeat=args.repeat)
         tri = lambda q, k, v: bbm.attention(q, k, v, mask, backend="triton")
         row["bbm_triton_fwd_ms"], row["bbm_triton_fwdbwd_ms"] = time_pair(tri, q, k, v, grad, args.repeat)
     if row["bbm_backend"] == "ragged" and args.layout == "bhnd":  # and inputs in a model's memory order: no copies

@@ -4,7 +4,7 @@
     python benchmarks/call_overhead.py --mask docs4 --size 32768 --heads 8 --kv-heads 4   # the 350M preset's shape
 
 By default a 16k causal sliding-window mask (window 1024), bf16, B=1, H=16, D=128 on CUDA. "bbm" is the path
-``auto`` takes (the document split for document masks), and where that is not the Triton kernels, they are timed
+``auto`` takes (cuDNN ragged for document masks), and where that is not the Triton kernels, they are timed
 too. "cpu per call": 50 calls issued back to back, timed before the synchronize; "wall per call": the same
 including it; "gpu-only per call": 20 calls queued behind a long sleep kernel, so the CPU runs ahead and only the
 GPU time is measured. A small mask makes the GPU work short enough for per-call CPU cost to show.

@@ -30,11 +30,11 @@ def main():
             doc = packed_doc_ids(n, lengths, device=device)
 
             def build():
-                return bbm.Mask.from_documents(doc, check=False).block_meta(bm, bn)
+                return bbm.Mask.from_documents(doc, check=False).tile_meta(bm, bn)
 
             ms = timed(build, device, repeat=10 if device.type == "cpu" else 50)
             mask = bbm.Mask.from_documents(doc)
-            meta = mask.block_meta(bm, bn)
+            meta = mask.tile_meta(bm, bn)
             mem = tensor_bytes(mask.ranges, meta.classes, meta.q_count_full, meta.q_count, meta.q_idx,
                                meta.k_count_full, meta.k_count, meta.k_idx)
             s = meta.summary()

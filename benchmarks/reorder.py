@@ -32,7 +32,7 @@ def main():
             rcm_ms = (time.perf_counter() - t0) * 1e3
             b = args.block
             before, after = plain.tiles_touched(b, b), reordered.tiles_touched(b, b)
-            total = plain.block_summary(b, b)["tiles"]
+            total = plain.tile_summary(b, b)["tiles"]
             rows.append({"n": n, "bandwidth": bw, "density": plain.density, "tiles": total,
                          "touched_before": before, "touched_after": after, "rcm_ms": rcm_ms})
             print(f"N={n:>5} band={bw:>3} density={plain.density:.4f} tiles touched {before:>6}/{total} -> "

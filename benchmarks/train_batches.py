@@ -2,7 +2,7 @@
 bbm path) on the documents the training run meets, batch by batch, with the model's heads and memory order.
 
     python benchmarks/train_batches.py                                  # ~350M preset at 32k, its first 36 batches
-    python benchmarks/train_batches.py --backends bbm,bbm:split,bbm:triton,flex --batches 10 data.tokenizer=...
+    python benchmarks/train_batches.py --backends bbm,bbm:triton,flex --batches 10 data.tokenizer=...
 
 The training throughput (benchmarks/train_throughput.py) is attention plus everything else; this shows the
 attention part alone and where each path wins (by document count and length). q, k, v are random, in the
@@ -31,8 +31,8 @@ def batches(cfg, count: int):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(REPO / "configs" / "gpt_350m_32k.yaml"))
-    ap.add_argument("--backends", default="bbm,bbm:split,flex",
-                    help="model.attention values; bbm:PATH forces bbm.attention's path (split, ragged, triton)")
+    ap.add_argument("--backends", default="bbm,bbm:triton,flex",
+                    help="model.attention values; bbm:PATH forces bbm.attention's path (ragged, triton, sdpa)")
     ap.add_argument("--batches", type=int, default=36)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--out", help="results JSON (default benchmarks/results/train_batches.json)")

@@ -3,7 +3,7 @@
 
     python benchmarks/train_throughput.py                                   # ~350M at 32k, all four backends
     python benchmarks/train_throughput.py --config configs/gpt_125m_16k.yaml --backends bbm,flex
-    python benchmarks/train_throughput.py --backends bbm,bbm:split,flex       # NAME:PATH forces bbm.attention's path
+    python benchmarks/train_throughput.py --backends bbm,bbm:triton,flex      # NAME:PATH forces bbm.attention's path
 
 Each backend trains in its own child process (a hung compile or an out-of-memory stays there) for
 --warmup + --steps optimizer steps of one 32k sequence each. Steps differ with their batch's documents (the
@@ -77,7 +77,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(REPO / "configs" / "gpt_350m_32k.yaml"))
     ap.add_argument("--backends", default=",".join(BACKENDS),
-                    help="model.attention values; bbm:PATH also sets model.bbm_backend=PATH (e.g. bbm:split)")
+                    help="model.attention values; bbm:PATH also sets model.bbm_backend=PATH (e.g. bbm:triton)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--timeout", type=int, default=300, help="seconds per backend")

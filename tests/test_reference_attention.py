@@ -118,3 +118,25 @@ def test_forced_sdpa_path_equals_reference(make):
     g = torch.randn_like(a)
     for x, y in zip(torch.autograd.grad(a, (q, k, v), g), torch.autograd.grad(b, (q, k, v), g)):
         assert torch.isfinite(x).all() and (x - y).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_nan_in_an_input_propagates_as_in_sdpa(backend):
+    """A NaN in q reaches its row's output and the gradients, as in SDPA; rows that never meet it stay finite."""
+    q, k, v = random_qkv(1, 2, 2, 40, 40, 16)
+    q.data[0, 0, 3, 0] = float("nan")
+    out = bbm.attention(q, k, v, bbm.Mask.causal(40), backend=backend)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.equal(out.isnan(), want.isnan()) and out[0, 0, 3].isnan().all()
+    assert torch.isfinite(out[0, 1]).all() and torch.isfinite(out[0, 0, :3]).all()
+    out.sum().backward()
+    assert q.grad[0, 0, 3].isnan().all() and k.grad[0, 0].isnan().any()
+
+
+def test_inf_scores_propagate_and_empty_rows_stay_zero():
+    q, k, v = random_qkv(1, 1, 1, 8, 8, 4)
+    allowed = torch.ones(8, 8, dtype=torch.bool).tril()
+    allowed[5] = False  # a row with no allowed key
+    k.data[0, 0, 2, 0] = float("inf")
+    out = bbm.attention(q, k, v, bbm.Mask.from_dense(allowed))
+    assert (out[0, 0, 5] == 0).all() and out[0, 0, 2:5].isnan().any() and torch.isfinite(out[0, 0, :2]).all()

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from bbm._checks import check_positive_int, check_tensor, fail
-from bbm.model import IGNORE_INDEX
+from bbm.data import IGNORE_INDEX
 
 SHARDED_KEYS = ("tokens", "labels", "position_ids")
 WHOLE_KEYS = ("doc_ids",)

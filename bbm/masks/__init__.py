@@ -1,4 +1,4 @@
-from bbm.masks.blocks import EMPTY, FULL, PARTIAL, BlockMeta
+from bbm.masks.tiles import EMPTY, FULL, PARTIAL, TileMeta
 from bbm.masks.mask import Mask
 
-__all__ = ["Mask", "BlockMeta", "EMPTY", "PARTIAL", "FULL"]
+__all__ = ["Mask", "TileMeta", "EMPTY", "PARTIAL", "FULL"]

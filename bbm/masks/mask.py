@@ -10,33 +10,42 @@ Two representations:
 """
 from typing import Optional
 
-import numpy as np
 import torch
 
 from bbm._checks import check_positive_int, check_tensor, fail
-from bbm.masks.blocks import BlockMeta, dense_meta, ranges_meta, unpack_bits
+from bbm._tensors import to_device
+from bbm.masks.documents import document_spans, document_starts
 from bbm.masks.reorder import rcm_permutation
+from bbm.masks.tiles import TileMeta, dense_meta, ranges_meta, unpack_bits
 
-DEFAULT_BLOCK = 64
+DEFAULT_TILE = 64
 SPARSE_DENSITY = 0.1  # below this, reorder="auto" tries Reverse Cuthill-McKee
 
 
 class Mask:
     """A boolean attention mask of logical shape ``(Bm, Hm, Nq, Nk)``; ``Bm`` and ``Hm`` may be 1
-    (shared by every sample / head). Build it with one of the constructors, not ``Mask(...)``."""
+    (shared by every sample / head). Build it with one of the constructors, not ``Mask(...)``. Immutable: what is
+    derived from it (tile metadata, document spans) is computed once and kept; attention paths keep their own
+    plans."""
 
-    def __init__(self, *, n_q: int, n_k: int, ranges=None, dense=None, perm=None, exactly_causal=False,
-                 documents=None, documents_causal=True):
+    def __init__(self, *, n_q: int, n_k: int, ranges=None, dense=None, perm=None, causal=False, documents=None,
+                 documents_causal=True, window=None, prefix=None, host_documents=None, host_prefix=None):
         self.n_q, self.n_k = n_q, n_k
         self.ranges = ranges  # int32 (Bm, 4, Nq) or None
         self.dense = dense  # bool (Bm, Hm, Nq, Nk), already reordered when perm is set, or None
         self.perm = perm  # int64 (N,): row/column i of `dense` is token perm[i]; None if not reordered
-        self.exactly_causal = exactly_causal  # a plain causal mask, Nq == Nk, no documents or window
-        # int (Bm, N) document ids when the mask is exactly "attend within the own document" (causally if
-        # documents_causal): block diagonal, so bbm may run each document as a plain attention (bbm.split)
-        self.documents, self.documents_causal = documents, documents_causal
-        self._host_documents = None  # the ids on the host, when the mask was built from host ids
-        self._meta = {}
+        # A mask built from document ids keeps how (``from_documents``' arguments), so that a path can run its
+        # documents as plain attentions: the ids int (Bm, N), causal or not, the window, the prefix bool (Bm, N)
+        self.documents, self.documents_causal, self.window, self.prefix = documents, documents_causal, window, prefix
+        self._causal = causal  # built as a plain causal mask, Nq == Nk
+        # computed once and kept: tile metadata by tile shape, document spans, the ids and prefix on the host
+        self._derived = {"host_documents": host_documents, "host_prefix": host_prefix}
+        self._frozen = True
+
+    def __setattr__(self, name, value):
+        if getattr(self, "_frozen", False):
+            raise AttributeError(f"Mask.{name}: a Mask is immutable once built; build a new one with a constructor")
+        object.__setattr__(self, name, value)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -44,6 +53,8 @@ class Mask:
         """Key ``j`` is allowed for query ``i`` iff ``lo0[b,i] <= j < hi0[b,i]`` or ``lo1[b,i] <= j < hi1[b,i]``.
         Each bound is an int tensor ``(B, Nq)``; intervals are clipped to ``[0, n_k)``."""
         check_positive_int("n_k", n_k)
+        if n_k >= 2**31:
+            fail("n_k", "fewer than 2**31 keys", n_k)
         bounds = [lo0, hi0] + ([lo1, hi1] if lo1 is not None or hi1 is not None else [])
         names = ["lo0", "hi0", "lo1", "hi1"]
         for name, t in zip(names, bounds):
@@ -52,24 +63,22 @@ class Mask:
                 fail(name, f"shape {tuple(bounds[0].shape)} like lo0", f"shape {tuple(t.shape)}")
             if t.device != bounds[0].device:
                 fail(name, f"device {bounds[0].device} like lo0", t.device)
-        if len(bounds) == 2:
-            bounds += [torch.zeros_like(lo0), torch.zeros_like(lo0)]
-        r = torch.stack([b.to(torch.int32).clamp(0, n_k) for b in bounds], dim=1)
-        for j in (0, 2):  # normalise empty intervals to [0, 0) so tile bounds ignore them cleanly
-            empty = r[:, j] >= r[:, j + 1]
-            r[:, j] = torch.where(empty, 0, r[:, j])
-            r[:, j + 1] = torch.where(empty, 0, r[:, j + 1])
-        return cls(n_q=r.shape[-1], n_k=n_k, ranges=r.contiguous())
+        return cls(n_q=lo0.shape[-1], n_k=n_k, ranges=_normalised_ranges(bounds, n_k))
 
     @classmethod
     def from_dense(cls, allowed, *, reorder: Optional[str] = "auto"):
-        """``allowed``: bool ``(B or 1, H or 1, Nq, Nk)``, True = may attend.
+        """``allowed``: bool ``(B or 1, H or 1, Nq, Nk)``, or ``(Nq, Nk)`` for one mask shared by every sample and
+        head; True = may attend.
 
         ``reorder="rcm"`` permutes tokens with Reverse Cuthill-McKee so scattered non-zeros gather into
         fewer tiles (needs Nq == Nk). ``"auto"`` (default) tries it on extremely sparse square masks
         (density < 10%) and keeps it only if it touches fewer tiles; ``None`` never reorders.
         ``bbm.attention`` applies and undoes the permutation, so results are unchanged."""
-        check_tensor("allowed", allowed, ndim=4, dtype_kind="bool")
+        check_tensor("allowed", allowed, dtype_kind="bool")
+        if allowed.ndim == 2:
+            allowed = allowed.view(1, 1, *allowed.shape)
+        if allowed.ndim != 4:
+            fail("allowed", "a (Nq, Nk) or (B, H, Nq, Nk) tensor", f"shape {tuple(allowed.shape)}")
         if reorder not in (None, "rcm", "auto"):
             fail("reorder", "None, 'rcm' or 'auto'", repr(reorder))
         n_q, n_k = allowed.shape[-2:]
@@ -106,10 +115,12 @@ class Mask:
         b, n = doc_ids.shape
         if n == 0 or b == 0:
             fail("doc_ids", "a non-empty (B, N) tensor", f"shape {tuple(doc_ids.shape)}")
-        host = None
+        host = doc_ids if doc_ids.device.type == "cpu" else None
+        host_prefix = prefix if isinstance(prefix, torch.Tensor) and prefix.device.type == "cpu" else None
         if device is not None and torch.device(device) != doc_ids.device:
-            host = doc_ids if doc_ids.device.type == "cpu" else None
             doc_ids = to_device(doc_ids, device)
+            if isinstance(prefix, torch.Tensor):
+                prefix = to_device(prefix, device)
         dev = doc_ids.device
         is_start = document_starts(doc_ids)
         if check:
@@ -118,12 +129,11 @@ class Mask:
             if bool((runs != distinct).any()):
                 fail("doc_ids", "each document id to form one contiguous run",
                      "an id that appears in two separate runs")
-        documents = doc_ids if window is None and prefix is None else None  # each document one plain block
+        described = dict(n_q=n, n_k=n, documents=doc_ids, documents_causal=causal, window=window, prefix=prefix,
+                         host_documents=host, host_prefix=host_prefix)
         if doc_ids.is_cuda and causal and prefix is None:  # the training case: one Triton launch
-            from bbm.kernels.meta import document_ranges  # imported lazily: CPU users never load Triton
-            mask = cls(n_q=n, n_k=n, ranges=document_ranges(doc_ids, window), documents=documents)
-            mask._host_documents = host
-            return mask
+            from bbm.masks.tiles_gpu import document_ranges  # imported lazily: CPU users never load Triton
+            return cls(ranges=document_ranges(doc_ids, window), **described)
         pos = torch.arange(n, device=dev, dtype=torch.int32).expand(b, n)
         start = torch.where(is_start, pos, 0).cummax(dim=1).values
         if not causal or prefix is not None:  # document ends: only non-causal and prefix-LM rows need them
@@ -153,10 +163,7 @@ class Mask:
             plen = (csum.gather(1, end.long()) - csum.gather(1, start.long())).to(torch.int32)
             lo = torch.where(prefix, start, lo)
             hi = torch.where(prefix, start + plen, hi)
-        mask = cls.from_ranges(lo, hi, n_k=n)
-        mask.documents, mask.documents_causal = documents, causal
-        mask._host_documents = host
-        return mask
+        return cls(ranges=_normalised_ranges([lo, hi], n), **described)
 
     @classmethod
     def causal(cls, n_q: int, n_k: Optional[int] = None, *, window: Optional[int] = None, device=None):
@@ -164,11 +171,11 @@ class Mask:
         check_positive_int("n_q", n_q)
         n_k = n_q if n_k is None else check_positive_int("n_k", n_k)
         check_positive_int("window", window, allow_none=True)
+        if window is not None and n_q == n_k:  # a sliding window: described as one document per row
+            return cls.sliding_window(n_q, window, device=device)
         q = torch.arange(n_q, device=device, dtype=torch.int32).unsqueeze(0) + (n_k - n_q)
         lo = torch.zeros_like(q) if window is None else (q - window + 1).clamp(min=0)
-        mask = cls.from_ranges(lo, q + 1, n_k=n_k)
-        mask.exactly_causal = window is None and n_q == n_k
-        return mask
+        return cls(n_q=n_q, n_k=n_k, ranges=_normalised_ranges([lo, q + 1], n_k), causal=window is None and n_q == n_k)
 
     @classmethod
     def sliding_window(cls, n: int, window: int, *, causal: bool = True, device=None):
@@ -262,8 +269,32 @@ class Mask:
         k = torch.arange(self.n_k, device=self.device, dtype=torch.int32)
         return _in_ranges(self.ranges, k).unsqueeze(1)
 
+    @property
+    def is_causal(self) -> bool:
+        """Built as a plain causal mask with Nq == Nk (``Mask.causal``)."""
+        return self._causal
+
+    @property
+    def exactly_causal(self) -> bool:
+        """A plain causal mask (Nq == Nk), as built or as found: causal documents, one per sample (which reads the
+        document spans: a device sync for a mask built from ids on a GPU, once)."""
+        if self._causal:
+            return True
+        return self.plain_documents and self.documents_causal and self.document_spans()[0].numel() == self.batch
+
+    @property
+    def plain_documents(self) -> bool:
+        """Built from document ids with neither window nor prefix: every document is one plain attention."""
+        return self.documents is not None and self.window is None and self.prefix is None
+
     def allowed_pairs(self) -> int:
-        """Exact number of allowed (query, key) pairs, summed over the mask's batch and heads."""
+        """Exact number of allowed (query, key) pairs, summed over the mask's batch and heads (from the host's
+        document spans when a plain document mask has them: no device sync)."""
+        if self._causal:
+            return self.batch * self.n_q * (self.n_q + 1) // 2
+        if self.plain_documents and self._derived["host_documents"] is not None:
+            length = self.document_spans()[1]
+            return int((length * (length + 1) // 2).sum() if self.documents_causal else (length * length).sum())
         if self.dense is not None:
             return int(self.dense.sum())
         r = self.ranges.long()
@@ -278,34 +309,34 @@ class Mask:
         """Exact fraction of allowed pairs."""
         return self.allowed_pairs() / (self.batch * self.heads * self.n_q * self.n_k)
 
-    def block_meta(self, block_m: int = DEFAULT_BLOCK, block_n: int = DEFAULT_BLOCK) -> BlockMeta:
-        """Tile classification and compacted lists for tiles of ``block_m`` queries x ``block_n`` keys
+    def tile_meta(self, tile_m: int = DEFAULT_TILE, tile_n: int = DEFAULT_TILE) -> TileMeta:
+        """Tile classification and compacted lists for tiles of ``tile_m`` queries x ``tile_n`` keys
         (in the reordered token order when reordered). Built once per tile shape and cached."""
-        check_positive_int("block_m", block_m)
-        check_positive_int("block_n", block_n)
-        key = (block_m, block_n)
-        if key not in self._meta:
+        check_positive_int("tile_m", tile_m)
+        check_positive_int("tile_n", tile_n)
+        key = ("tiles", tile_m, tile_n)
+        if key not in self._derived:
             if self.ranges is not None:
-                self._meta[key] = ranges_meta(self.ranges, self.n_k, block_m, block_n)
+                self._derived[key] = ranges_meta(self.ranges, self.n_k, tile_m, tile_n)
             else:
-                self._meta[key] = dense_meta(self.dense, block_m, block_n)
-        return self._meta[key]
+                self._derived[key] = dense_meta(self.dense, tile_m, tile_n)
+        return self._derived[key]
 
-    def block_summary(self, block_m: int = 128, block_n: int = 128) -> dict:
+    def tile_summary(self, tile_m: int = 128, tile_n: int = 128) -> dict:
         """Empty / partial / full tile counts (for logging and FLOP counting)."""
-        return self.block_meta(block_m, block_n).summary()
+        return self.tile_meta(tile_m, tile_n).summary()
 
-    def tiles_touched(self, block_m: int = 128, block_n: int = 128) -> int:
-        s = self.block_summary(block_m, block_n)
+    def tiles_touched(self, tile_m: int = 128, tile_n: int = 128) -> int:
+        s = self.tile_summary(tile_m, tile_n)
         return s["partial"] + s["full"]
 
-    def partial_tile(self, meta: BlockMeta, b: int, h: int, m: int, n: int) -> torch.Tensor:
-        """bool (block_m, block_n) element mask of one partial tile, decided from the metadata alone."""
+    def partial_tile(self, meta: TileMeta, b: int, h: int, m: int, n: int) -> torch.Tensor:
+        """bool (tile_m, tile_n) element mask of one partial tile, decided from the metadata alone."""
         if meta.ranges is not None:
-            r = meta.ranges[b, :, m * meta.block_m:(m + 1) * meta.block_m]
-            k = torch.arange(n * meta.block_n, (n + 1) * meta.block_n, device=r.device, dtype=torch.int32)
+            r = meta.ranges[b, :, m * meta.tile_m:(m + 1) * meta.tile_m]
+            k = torch.arange(n * meta.tile_n, (n + 1) * meta.tile_n, device=r.device, dtype=torch.int32)
             tile = _in_ranges(r, k)
-            return torch.nn.functional.pad(tile, (0, 0, 0, meta.block_m - tile.shape[0]))
+            return torch.nn.functional.pad(tile, (0, 0, 0, meta.tile_m - tile.shape[0]))
         return unpack_bits(meta.tile_bits[meta.bits_index[b, h, m, n]])
 
     def check_against(self, b: int, h_q: int, n_q: int, n_k: int):
@@ -319,44 +350,47 @@ class Mask:
             fail("mask", f"heads 1 or {h_q} (query heads)", f"heads {mh}")
 
     def host_documents(self) -> torch.Tensor:
-        """The document ids of a document mask, int ``(Bm, N)`` on the host: those it was built from, or a copy
-        of ``documents`` (one device sync, once per mask)."""
+        """The document ids of a mask built from them, int ``(Bm, N)`` on the host: those it was built from, or a
+        copy (one device sync, once per mask)."""
         if self.documents is None:
-            fail("mask", "a document mask (Mask.from_documents without window or prefix)", repr(self))
-        if self._host_documents is None:
-            self._host_documents = self.documents.cpu()
-        return self._host_documents
+            fail("mask", "a mask built by Mask.from_documents", repr(self))
+        if self._derived["host_documents"] is None:
+            self._derived["host_documents"] = self.documents.cpu()
+        return self._derived["host_documents"]
+
+    def document_spans(self):
+        """(first, length) of every document, int64 on the host (see ``bbm.masks.documents.document_spans``);
+        computed once per mask."""
+        if "spans" not in self._derived:
+            self._derived["spans"] = document_spans(self.host_documents())
+        return self._derived["spans"]
+
+    def prefix_lengths(self) -> torch.Tensor:
+        """int64 on the host: each document's prefix length, in ``document_spans`` order (all 0 without prefix)."""
+        first, length = self.document_spans()
+        if self.prefix is None:
+            return torch.zeros_like(length)
+        if self._derived["host_prefix"] is None:
+            self._derived["host_prefix"] = self.prefix.cpu()
+        counts = torch.cat([torch.zeros(1, dtype=torch.int64), self._derived["host_prefix"].flatten().long().cumsum(0)])
+        return counts[first + length] - counts[first]
 
     def __repr__(self):
         kind = "ranges" if self.is_structured else ("dense, RCM-reordered" if self.perm is not None else "dense")
         return f"Mask({kind}, shape={self.shape}, device={self.device})"
 
 
-def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
-    """bool (B, N): True at each document's first token (a run of equal ids is one document)."""
-    start = torch.ones_like(doc_ids, dtype=torch.bool)
-    start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    return start
-
-
-def document_spans(doc_ids: torch.Tensor):
-    """(first, length), int64 on the host: each document's first token as a flat index into (B, N) ids, and its
-    length (a document never crosses rows: each row starts one). Ids on a GPU are copied to the host (a sync).
-    Computed with numpy, on one thread (torch's CPU ops wake its thread pool, which took tens of ms per 64k batch
-    beside a training step)."""
-    ids = doc_ids.cpu().numpy()
-    starts = np.ones(ids.shape, dtype=bool)
-    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    first = np.flatnonzero(starts).astype(np.int64)
-    return torch.from_numpy(first), torch.from_numpy(np.diff(first, append=np.int64(ids.size)))
-
-
-def to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """``t`` on ``device``; a host tensor goes to a GPU through pinned memory without waiting for the GPU."""
-    device = torch.device(device)
-    if t.device.type != "cpu" or device.type == "cpu":
-        return t.to(device)
-    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+def _normalised_ranges(bounds, n_k: int) -> torch.Tensor:
+    """int32 (B, 4, Nq) ranges from two or four (B, Nq) bounds: clipped to [0, n_k) (in int64, then narrowed), an
+    empty interval as [0, 0) so that tile bounds ignore it."""
+    if len(bounds) == 2:
+        bounds = [*bounds, torch.zeros_like(bounds[0]), torch.zeros_like(bounds[0])]
+    r = torch.stack([b.to(torch.int64).clamp(0, n_k).to(torch.int32) for b in bounds], dim=1)
+    for j in (0, 2):
+        empty = r[:, j] >= r[:, j + 1]
+        r[:, j] = torch.where(empty, 0, r[:, j])
+        r[:, j + 1] = torch.where(empty, 0, r[:, j + 1])
+    return r.contiguous()
 
 
 def _in_ranges(ranges: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

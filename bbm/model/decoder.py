@@ -7,8 +7,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from bbm._checks import fail
-from bbm.data.packing import IGNORE_INDEX
-from bbm.model.attention import BatchMask, attend
+from bbm.data import IGNORE_INDEX
+from bbm.model.backends import BatchMask, attend
 from bbm.model.config import ModelConfig
 from bbm.model.layers import RMSNorm, SwiGLU, apply_rope, maybe_compiled, rope_tables
 

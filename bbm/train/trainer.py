@@ -19,8 +19,8 @@ from torch.profiler import record_function
 
 from bbm._checks import fail
 from bbm.distributed import ParallelGroups, UlyssesAttention, sequence_parallel_loss, shard_batch
-from bbm.masks.mask import to_device
-from bbm.model import Decoder, allowed_pairs, attend, build_mask
+from bbm._tensors import to_device
+from bbm.model import Decoder, attend, build_mask
 from bbm.model.decoder import Block
 from bbm.train import checkpoint as ckpt
 from bbm.train.config import TrainConfig, to_dict
@@ -190,11 +190,12 @@ class Trainer:
         while True:
             with record_function("bbm.batch"):  # profiler annotations name the step's phases
                 host = next(batches)
-                pairs = allowed_pairs(host["doc_ids"], self.model_cfg.attention)  # before the batch moves: no sync
                 batch = self._to_device(host)
-                # whole sequence, every layer; from the host's ids, which bbm's document plans read without a sync
+                # whole sequence, every layer; from the host's ids, whose document spans the FLOP count and bbm's
+                # document plans read without a device sync
                 batch_mask = build_mask(host["doc_ids"], self.model_cfg.attention, self.model_cfg.bbm_backend,
                                         check=False, device=self.env.device)  # the loader's ids are runs
+                pairs = batch_mask.allowed_pairs()
                 if self.sp > 1:
                     batch = shard_batch(batch, self.groups.sp_rank, self.sp)
             with record_function("bbm.forward"):

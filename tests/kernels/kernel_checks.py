@@ -2,7 +2,7 @@
 random data, compare outputs and gradients."""
 import torch
 
-from bbm.kernels import Config, flash_attention
+from bbm.attention.triton import Config, flash_attention
 from bbm.testing import dense_attention
 
 # metadata tiles 32 x 32 with 16-wide blocks inside: several sub-blocks per tile on tiny shapes

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import bbm
-from bbm.kernels.meta import document_ranges
+from bbm.masks.tiles_gpu import document_ranges
 from bbm.testing import random_doc_ids
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton interpreter

@@ -5,8 +5,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import bbm
-from bbm.kernels.meta import ranges_lists
-from bbm.masks.blocks import ranges_meta
+from bbm.masks.tiles_gpu import ranges_lists
+from bbm.masks.tiles import ranges_meta
 from bbm.testing import random_doc_ids
 
 NAMES = ("classes", "q_count_full", "q_count", "q_idx", "k_count_full", "k_count", "k_idx", "q_order", "k_order")
@@ -29,7 +29,7 @@ def test_triton_metadata_equals_pytorch(bm, bn):
 
 def test_heaviest_first_order():
     mask = bbm.Mask.from_documents(random_doc_ids(2, 300, 6, generator=torch.Generator().manual_seed(2)))
-    meta = mask.block_meta(32, 32)
+    meta = mask.tile_meta(32, 32)
     for order, counts in ((meta.q_order, meta.q_count.flatten()), (meta.k_order, meta.k_count.sum(1).flatten())):
         assert torch.equal(order.sort().values, torch.arange(counts.numel(), dtype=torch.int32))
         assert (counts[order.long()].diff() <= 0).all()

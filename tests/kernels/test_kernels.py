@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import bbm
+from bbm.attention.triton import Config
 from bbm.testing import random_doc_ids
 from kernel_checks import SUB_TILED, check_against_dense, qkv
 
@@ -96,4 +97,4 @@ def test_paths_agree():
 
 def test_bad_config():
     with pytest.raises(ValueError, match="config.block_m"):
-        bbm.kernels.Config(32, 32, 48, 16, 4, 1, 16, 16, 4, 1).check()
+        Config(32, 32, 48, 16, 4, 1, 16, 16, 4, 1).check()

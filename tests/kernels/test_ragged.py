@@ -1,14 +1,12 @@
-"""Document masks as one cuDNN call over ragged sequences (bbm.ragged): the plan's offsets and lengths (CPU), and the
+"""Document masks as one cuDNN call over ragged sequences (bbm.attention.ragged): the plan's offsets and lengths (CPU), and the
 attention against a float64 dense reference, outputs and gradients (GPU with cudnn-frontend installed)."""
-import importlib
-
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
 import bbm
-from bbm import ragged
-from bbm.masks.mask import document_starts
+from bbm.attention import ragged, sdpa
+from bbm.masks.documents import document_starts
 from bbm.testing import random_doc_ids
 from gpu import needs_gpu
 from kernel_checks import check_against_dense
@@ -56,13 +54,13 @@ def test_plan_orders_documents_longest_first_and_keeps_ties_in_token_order():
     assert docs.first[30:].tolist() == [int(lengths.sum())] * 3  # two empty documents, then the end
 
 
-def test_plan_marks_one_document_per_sample_exactly_causal():
+def test_one_document_per_sample_is_exactly_causal():
     one = bbm.Mask.from_documents(torch.tensor([[3] * 16, [5] * 16]))
     two = bbm.Mask.from_documents(torch.tensor([[3] * 16, [5] * 15 + [6]]))
     shared = bbm.Mask.from_documents(torch.tensor([[4] * 16]))
-    for mask, causal in ((one, True), (two, False), (shared, True)):
-        assert not mask.exactly_causal
-        ragged.plan(mask, batch=2)
+    bidirectional = bbm.Mask.from_documents(torch.tensor([[4] * 16]), causal=False)
+    windowed = bbm.Mask.from_documents(torch.tensor([[4] * 16]), window=4)
+    for mask, causal in ((one, True), (two, False), (shared, True), (bidirectional, False), (windowed, False)):
         assert mask.exactly_causal == causal
 
 
@@ -70,8 +68,9 @@ def test_a_mask_keeps_the_host_ids_it_was_built_from():
     doc = random_doc_ids(2, 300, 7, generator=torch.Generator().manual_seed(5))
     mask = bbm.Mask.from_documents(doc, device="cpu")
     assert torch.equal(mask.host_documents(), doc) and torch.equal(mask.documents, doc)
-    with pytest.raises(ValueError, match="mask.*document mask"):
-        bbm.Mask.from_documents(doc, window=8).host_documents()
+    assert torch.equal(bbm.Mask.from_documents(doc, window=8).host_documents(), doc)
+    with pytest.raises(ValueError, match="^mask: expected a mask built by Mask.from_documents"):
+        bbm.Mask.causal(300).host_documents()
 
 
 def test_plan_needs_a_causal_document_mask():
@@ -84,15 +83,15 @@ def test_plan_needs_a_causal_document_mask():
 def test_size_classes_and_layouts():
     assert [ragged.size_class(x) for x in (1, 64, 65, 1000, 1024, 1025)] == [64, 64, 128, 1024, 1024, 2048]
     q, k, _ = packed_qkv(2, 4, 2, 10, 8, torch.float32)
-    assert ragged.packed(q) and ragged.packed(k)
-    assert not ragged.packed(torch.randn(2, 4, 10, 8))  # (B, H, N, D) memory: each head's tokens together
-    assert not ragged.supported(q)  # on the CPU
+    assert ragged.token_major(q) and ragged.token_major(k)
+    assert not ragged.token_major(torch.randn(2, 4, 10, 8))  # (B, H, N, D) memory: each head's tokens together
+    assert not ragged.available(q)  # on the CPU
 
 
 def test_ragged_backend_refuses_what_cudnn_does_not_take():
     doc = torch.tensor([[0] * 8 + [1] * 8])
     q, k, v = packed_qkv(1, 2, 2, 16, 8, torch.float32)
-    with pytest.raises(ValueError, match="^q: expected inputs cuDNN's ragged attention takes"):
+    with pytest.raises(ValueError, match="^backend: expected 'ragged' where cuDNN's ragged attention runs"):
         bbm.attention(q, k, v, bbm.Mask.from_documents(doc), backend="ragged")
 
 
@@ -110,7 +109,7 @@ def test_ragged_documents_gpu(dtype, d, kv_heads, shared, packed):
     doc[:, 500:2100] = -4  # a long one
     mask = bbm.Mask.from_documents(document_starts(doc).cumsum(1))  # one id per run
     q, k, v = packed_qkv(2, 8, kv_heads, 3001, d, dtype, CUDA, packed)
-    assert ragged.supported(q) and bbm.choose_backend(q, mask) == "ragged"
+    assert ragged.available(q) and bbm.choose_backend(q, mask) == "ragged"
     check_against_dense(q, k, v, mask, scale=d ** -0.5,
                         run=lambda q, k, v: bbm.attention(q, k, v, mask, scale=d ** -0.5, backend="ragged"))
 
@@ -189,22 +188,21 @@ def test_ragged_under_activation_checkpointing_gpu(monkeypatch):
 
 
 def test_causal_warm_up_inside_an_activation_checkpoint(monkeypatch):
-    """The ragged path's first call for a layout runs SDPA forward and backward once (``_warm_causal``); inside a
-    checkpointed layer that first call is the forward, and the recompute, which runs no warm-up, must find the
-    tensors the forward saved (the 1B preset's first step once failed there)."""
-    dispatch = importlib.import_module("bbm.attention")
-    monkeypatch.setattr(dispatch, "_warm_layouts", set())
+    """The ragged path's first call for a layout runs SDPA forward and backward once (``sdpa.warm_causal``); inside
+    a checkpointed layer that first call is the forward, and the recompute, which runs no warm-up, must find the
+    tensors the forward saved."""
+    monkeypatch.setattr(sdpa, "_warm_layouts", set())
     mask = bbm.Mask.from_documents(random_doc_ids(1, 48, 3, generator=torch.Generator().manual_seed(1)))
 
     def layer(q, k, v):
-        dispatch._warm_causal(q, k, v, 0.25)
+        sdpa.warm_causal(q, k, v, 0.25)
         return bbm.attention(q, k, v, mask, scale=0.25)
 
     q, k, v = packed_qkv(1, 4, 2, 48, 16, torch.float32)
     g = torch.randn(1, 4, 48, 16)
     out = checkpoint(layer, q, k, v, use_reentrant=False)
     got = torch.autograd.grad(out, (q, k, v), g)
-    assert len(dispatch._warm_layouts) == 1  # it did run, in the checkpointed forward
+    assert len(sdpa._warm_layouts) == 1  # it did run, in the checkpointed forward
     want = torch.autograd.grad(layer(q, k, v), (q, k, v), g)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)

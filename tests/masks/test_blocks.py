@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 import bbm
 from bbm.masks import EMPTY, FULL, PARTIAL
-from bbm.masks.blocks import pack_bits, unpack_bits
+from bbm.masks.tiles import pack_bits, unpack_bits
 from bbm.testing import random_doc_ids
 
 
@@ -23,7 +23,7 @@ def exact_classes(dense, bm, bn):
 
 
 def check_meta(mask, bm, bn, exact_structured=True):
-    meta = mask.block_meta(bm, bn)
+    meta = mask.tile_meta(bm, bn)
     dense = mask.dense if mask.dense is not None else mask.to_dense()
     want = exact_classes(dense, bm, bn)
     got = meta.classes
@@ -99,5 +99,5 @@ def test_bit_packing_round_trip():
 
 def test_block_summary_counts():
     mask = bbm.Mask.causal(256)
-    s = mask.block_summary(64, 64)
+    s = mask.tile_summary(64, 64)
     assert (s["empty"], s["partial"], s["full"], s["tiles"]) == (6, 4, 6, 16)

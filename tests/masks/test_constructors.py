@@ -99,3 +99,25 @@ def test_from_dense_and_ranges():
     want = ((j >= lo0[..., None]) & (j < hi0[..., None])) | ((j >= lo1[..., None]) & (j < hi1[..., None]))
     assert torch.equal(got, want)
     assert bbm.Mask.from_ranges(lo0, hi0, lo1, hi1, n_k=13).allowed_pairs() == int(want.sum())
+
+
+def test_from_ranges_clamps_wide_bounds_before_narrowing():
+    lo = torch.zeros(1, 3, dtype=torch.int64)
+    hi = torch.tensor([[2**31, 2**32 + 1, -2**33]])
+    mask = bbm.Mask.from_ranges(lo, hi, n_k=5)
+    assert mask.to_dense()[0, 0].sum(-1).tolist() == [5, 5, 0]
+
+
+def test_from_dense_takes_a_plain_square_mask():
+    allowed = torch.rand(9, 7) < 0.5
+    assert torch.equal(bbm.Mask.from_dense(allowed).to_dense(), allowed.view(1, 1, 9, 7))
+
+
+def test_mask_keeps_how_it_was_built_from_documents():
+    doc = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2]])
+    prefix = torch.tensor([[True, True, False, True, False, False, False, False]])
+    mask = bbm.Mask.from_documents(doc, prefix=prefix)
+    assert mask.documents is doc and mask.prefix is prefix and mask.window is None and not mask.plain_documents
+    assert mask.prefix_lengths().tolist() == [2, 1, 0]
+    assert [t.tolist() for t in mask.document_spans()] == [[0, 3, 5], [3, 2, 3]]
+    assert bbm.Mask.causal(8, window=3).window == 3 and bbm.Mask.sliding_window(8, 3).documents is not None

@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from bbm.model import ATTENTION_BACKENDS, Decoder, ModelConfig, allowed_pairs, build_mask
+from bbm.model import ATTENTION_BACKENDS, Decoder, ModelConfig, build_mask
 from bbm.testing import document_positions
 from bbm.train.flops import attention_gain, step_flops
 
@@ -67,9 +67,9 @@ def test_packed_equals_documents_run_alone():
 
 
 def test_sdpa_causal_attends_across_documents_and_warns_once():
-    import bbm.model.attention as attention_module
+    import bbm.model.backends as backends
 
-    attention_module._warned_causal = False
+    backends._warned_causal = False
     m = model(seed=5)
     tokens, labels, pos, doc = packed_batch(6)
     with warnings.catch_warnings(record=True) as caught:
@@ -82,16 +82,15 @@ def test_sdpa_causal_attends_across_documents_and_warns_once():
 
 
 def test_allowed_pairs_and_flops():
+    """The count the trainer logs (from the host's document spans, no device sync) equals the mask's pairs."""
     tokens, labels, pos, doc = packed_batch(7)
-    mask = build_mask(doc, "bbm")
-    dense = mask.mask.to_dense()
-    assert mask.allowed_pairs() == int(dense.sum()) * (B // dense.shape[0])
+    for backend in ("bbm", "sdpa_masked", "sdpa_causal"):
+        mask = build_mask(doc, backend)
+        assert mask.allowed_pairs() == int(mask.mask.to_dense().sum()) * (B // mask.mask.batch), backend
     lengths = torch.unique_consecutive(doc[0], return_counts=True)[1]
     assert int(build_mask(doc[:1], "sdpa_masked").allowed_pairs()) == int((lengths * (lengths + 1) // 2).sum())
-    for backend in ("bbm", "sdpa_masked", "sdpa_causal"):  # the trainer's count from the ids, before they move
-        assert allowed_pairs(doc, backend) == build_mask(doc, backend).allowed_pairs(), backend
     one_token_and_whole_row = torch.tensor([[5, 5, 2, 2, 2, 7], [1, 1, 1, 1, 1, 1]])
-    assert allowed_pairs(one_token_and_whole_row, "flex") == 3 + 6 + 1 + 21
+    assert build_mask(one_token_and_whole_row, "bbm").allowed_pairs() == 3 + 6 + 1 + 21
     assert step_flops(10, 100, 2, 4, 8, 1000) == 6 * 10 * 100 + 12 * 2 * 4 * 8 * 1000
 
 
@@ -136,5 +135,5 @@ def test_bbm_backend_reaches_bbm_attention():
     with torch.no_grad():
         exact = m(tokens, pos, build_mask(doc, "bbm"), labels)
         assert m(tokens, pos, build_mask(doc, "bbm", "reference"), labels) == exact  # what auto runs on CPU
-        with pytest.raises(ValueError, match="^q: expected inputs cuDNN attention takes, for backend='split'"):
-            m(tokens, pos, build_mask(doc, "bbm", "split"), labels)
+        with pytest.raises(ValueError, match="^backend: expected 'ragged' where cuDNN's ragged attention runs"):
+            m(tokens, pos, build_mask(doc, "bbm", "ragged"), labels)

@@ -4,7 +4,7 @@ CUDA GPU)."""
 import pytest
 import torch
 
-import bbm.ragged
+from bbm.attention import ragged
 
 from bbm.model import Decoder, ModelConfig, build_mask
 from bbm.model.decoder import loss_sum
@@ -66,17 +66,17 @@ def test_fused_model_matches_eager_gpu(backend):
     assert (grads[1] - grads[0]).norm() <= 0.05 * grads[0].norm()
 
 
-@pytest.mark.skipif(bbm.ragged.frontend() is None, reason="cudnn-frontend is not installed")
+@pytest.mark.skipif(ragged.frontend() is None, reason="cudnn-frontend is not installed")
 def test_model_feeds_ragged_attention_without_copies_gpu(monkeypatch):
     """With the compiled blocks, the decoder's q, k and v reach cuDNN's ragged path in (B, N, H, D) memory, and its
     output goes back to the output projection without a copy."""
     seen = []
 
-    def recording(q, k, v, docs, scale, real=bbm.ragged.ragged_attention):
-        seen.append([bbm.ragged.packed(t) for t in (q, k, v)])
+    def recording(q, k, v, docs, scale, real=ragged.ragged_attention):
+        seen.append([ragged.token_major(t) for t in (q, k, v)])
         return real(q, k, v, docs, scale)
 
-    monkeypatch.setattr(bbm.ragged, "ragged_attention", recording)
+    monkeypatch.setattr(ragged, "ragged_attention", recording)
     tokens, labels, pos, doc = (t.to(CUDA) for t in packed_batch(2, n=256))
     cfg = ModelConfig(vocab_size=61, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, init_std=0.2)
     m = Decoder(cfg).to(CUDA, torch.bfloat16)

@@ -16,11 +16,11 @@ from bbm._files import write_atomic
 
 @dataclass(frozen=True)
 class Config:
-    """Metadata tiles (mb_m x mb_n) and, inside them, the blocks each kernel works on:
+    """Mask tiles (tile_m x tile_n) and, inside them, the blocks each kernel works on:
     forward block_m x block_n; backward dK/dV programs own `big` keys and step over `small` queries,
     dQ programs own `big` queries and step over `small` keys."""
-    mb_m: int
-    mb_n: int
+    tile_m: int
+    tile_n: int
     block_m: int
     block_n: int
     fwd_warps: int
@@ -32,21 +32,20 @@ class Config:
 
     def check(self):
         for name in ("block_m", "big"):
-            if self.mb_m % getattr(self, name):
-                raise ValueError(f"config.{name}: expected a divisor of mb_m={self.mb_m}, got {getattr(self, name)}")
+            if self.tile_m % getattr(self, name):
+                raise ValueError(f"config.{name}: expected a divisor of tile_m={self.tile_m}, got {getattr(self, name)}")
         for name in ("block_n", "big", "small"):
-            if self.mb_n % getattr(self, name):
-                raise ValueError(f"config.{name}: expected a divisor of mb_n={self.mb_n}, got {getattr(self, name)}")
-        if self.mb_m % self.small:
-            raise ValueError(f"config.small: expected a divisor of mb_m={self.mb_m}, got {self.small}")
+            if self.tile_n % getattr(self, name):
+                raise ValueError(f"config.{name}: expected a divisor of tile_n={self.tile_n}, got {getattr(self, name)}")
+        if self.tile_m % self.small:
+            raise ValueError(f"config.small: expected a divisor of tile_m={self.tile_m}, got {self.small}")
         return self
 
 
 INTERPRETER = Config(32, 32, 32, 32, 4, 1, 32, 16, 4, 1)
 META_TILE = (128, 128)
 
-# (block_m, block_n, warps, stages) forward; (big, small, warps, stages) backward; first = default (the
-# winner of the H100 autotuning runs in benchmarks/NOTES_attention.md)
+# (block_m, block_n, warps, stages) forward; (big, small, warps, stages) backward; the first is the default
 _FWD = {64: [(128, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3)],
         128: [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3)],
         256: [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2)]}

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bbm.kernels.tiles import launch_kernel
+from bbm._triton import launch_kernel
 
 
 @triton.jit
@@ -55,13 +55,13 @@ def _bounds(ranges, rows, valid, n_q, j: tl.constexpr):
 
 @launch_kernel
 def classify_kernel(RANGES, CLASSES, Q_COUNT_FULL, Q_COUNT, Q_IDX, n_q, n_k, num_m, num_n,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr):
+                    TILE_M: tl.constexpr, TILE_N: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr):
     line = tl.program_id(0)  # (mask sample, query tile)
     bm = line // num_m
     m = line % num_m
     offs = tl.arange(0, ROWS)
-    rows = m * BLOCK_M + offs
-    valid = (offs < BLOCK_M) & (rows < n_q)
+    rows = m * TILE_M + offs
+    valid = (offs < TILE_M) & (rows < n_q)
     ranges = RANGES + bm.to(tl.int64) * 4 * n_q
     lo_min0, hi_max0, lo_max0, hi_min0 = _bounds(ranges, rows, valid, n_q, 0)
     lo_min1, hi_max1, lo_max1, hi_min1 = _bounds(ranges, rows, valid, n_q, 1)
@@ -69,8 +69,8 @@ def classify_kernel(RANGES, CLASSES, Q_COUNT_FULL, Q_COUNT, Q_IDX, n_q, n_k, num
     cols = tl.arange(0, CHUNK)
     for start in range(0, num_n, CHUNK):  # classify: full if one interval covers the tile for every row
         n = start + cols
-        lo = n * BLOCK_N
-        hi = tl.minimum(lo + BLOCK_N, n_k)
+        lo = n * TILE_N
+        hi = tl.minimum(lo + TILE_N, n_k)
         meets = ((lo_min0 < hi) & (hi_max0 > lo)) | ((lo_min1 < hi) & (hi_max1 > lo))
         covers = ((lo_max0 <= lo) & (hi_min0 >= hi)) | ((lo_max1 <= lo) & (hi_min1 >= hi))
         c = tl.where(covers, 2, tl.where(meets, 1, 0)).to(tl.int8)
@@ -114,20 +114,20 @@ def order_kernel(Q_COUNT, Q_ORDER, lines_q, K_COUNT, K_ORDER, lines_k, q_program
         _order(K_COUNT, K_ORDER, lines_k, pid - q_programs, CHUNK)
 
 
-def ranges_lists(ranges: torch.Tensor, n_k: int, block_m: int, block_n: int):
+def ranges_lists(ranges: torch.Tensor, n_k: int, tile_m: int, tile_n: int):
     """-> classes int8 (Bm, 1, num_m, num_n), then (count_full, count, idx) per query tile and per key
     tile, int32, laid out as documented in bbm.masks.blocks, then the heaviest-first orders of the query
     and of the key tiles."""
     bm_, _, n_q = ranges.shape
-    num_m, num_n = -(-n_q // block_m), -(-n_k // block_n)
+    num_m, num_n = -(-n_q // tile_m), -(-n_k // tile_n)
     lines_q, lines_k = bm_ * num_m, bm_ * num_n
     flat = torch.empty(3 * lines_q + 3 * lines_k + 2 * lines_q * num_n, dtype=torch.int32, device=ranges.device)
     sizes = [lines_q, lines_q, lines_q * num_n, lines_k, lines_k, lines_k * num_m, lines_q, lines_k]
     qf, qc, qi, kf, kc, ki, q_order, k_order = flat.split(sizes)
     classes = torch.empty(bm_, 1, num_m, num_n, dtype=torch.int8, device=ranges.device)
     chunk = min(1024, triton.next_power_of_2(max(num_m, num_n)))
-    classify_kernel[(lines_q,)](ranges, classes, qf, qc, qi, n_q, n_k, num_m, num_n, BLOCK_M=block_m,
-                                BLOCK_N=block_n, ROWS=triton.next_power_of_2(block_m), CHUNK=chunk)
+    classify_kernel[(lines_q,)](ranges, classes, qf, qc, qi, n_q, n_k, num_m, num_n, TILE_M=tile_m,
+                                TILE_N=tile_n, ROWS=triton.next_power_of_2(tile_m), CHUNK=chunk)
     compact_kernel[(lines_k,)](classes, kf, kc, ki, num_m, num_n, CHUNK=chunk)
     rank = 64  # entries ranked per program
     q_programs = -(-lines_q // rank)

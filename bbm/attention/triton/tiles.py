@@ -7,24 +7,10 @@ Modes of a visited tile (a constexpr of every loop):
          per-query intervals [lo0, lo0 + len0) and [lo1, lo1 + len1);
   BITS   a partial tile of an arbitrary mask: the element mask is unpacked from its bit-packed tile.
 """
-import inspect
-
 import triton
 import triton.language as tl
 
 FULL, EDGE, RANGES, BITS = (tl.constexpr(i) for i in range(4))  # constexpr: jit code reads them
-
-# Sizes that change with the sequence or the mask (lengths, tile counts, tiles with work). Triton compiles a
-# variant of a kernel per value class of each integer argument (1, a multiple of 16, other) unless told not to:
-# a training run would compile again in whichever step first met a new class (seconds per kernel).
-SIZE_ARGS = ("n", "n_q", "n_k", "NUM_M", "NUM_N", "num_m", "num_n", "n_items", "n_q_items", "n_k_items", "n_dkdv",
-             "lines_q", "lines_k", "q_programs")
-
-
-def launch_kernel(fn):
-    """``triton.jit`` for a kernel the host launches: no specialisation on the size arguments it has."""
-    names = inspect.signature(fn).parameters
-    return triton.jit(fn, do_not_specialize=[name for name in SIZE_ARGS if name in names])
 
 
 @triton.jit
@@ -53,7 +39,7 @@ def tile_bits(words, rows, col0, COLS: tl.constexpr, WORDS: tl.constexpr):
 
 @triton.jit
 def tile_allowed(keys, rows, col0, n_k, lo0, len0, lo1, len1, bits, entry, MODE: tl.constexpr,
-                 KEYS_FIRST: tl.constexpr, MB_M: tl.constexpr, MB_N: tl.constexpr, COLS: tl.constexpr):
+                 KEYS_FIRST: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr, COLS: tl.constexpr):
     """Bool block of the allowed pairs of a visited non-full tile, (queries, keys), or (keys, queries)
     when KEYS_FIRST. ``keys``: the block's key indices; ``rows``: its query rows inside the metadata tile,
     whose intervals are lo0, len0, lo1, len1 (RANGES); ``col0``: its first key column inside the tile;
@@ -69,8 +55,8 @@ def tile_allowed(keys, rows, col0, n_k, lo0, len0, lo1, len1, bits, entry, MODE:
         else:
             ok = in_ranges(keys[None, :], lo0[:, None], len0[:, None], lo1[:, None], len1[:, None])
     else:
-        words = bits + tl.load(entry).to(tl.int64) * (MB_M * (MB_N // 32))
-        ok = tile_bits(words, rows, col0, COLS, MB_N // 32)
+        words = bits + tl.load(entry).to(tl.int64) * (TILE_M * (TILE_N // 32))
+        ok = tile_bits(words, rows, col0, COLS, TILE_N // 32)
         if KEYS_FIRST:
             ok = tl.trans(ok)
     return ok

@@ -5,8 +5,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from bbm.kernels import launch
-from bbm.kernels.tuning import INTERPRETER, META_TILE, Config, interpreting, pick
+from bbm.attention.triton import launch
+from bbm.attention.triton.tuning import INTERPRETER, META_TILE, Config, interpreting, pick
 
 _LIST_NAMES = ("q_count_full", "q_count", "q_idx", "q_order", "k_count_full", "k_count", "k_idx", "k_order",
                "ranges", "tile_bits", "bits_index")
@@ -19,17 +19,16 @@ def _config(given: List[int], direction: str, q, lists, run) -> Config:
     return pick(direction, q.device, q.shape[-1], q.dtype, family, q.shape[0] * q.shape[1] * q.shape[2], run)
 
 
-def forward_pass(q, k, v, tensors, scale, given, busy=None):
-    """-> out, lse (base 2) of the forward kernel; tensors and given as from ``kernel_inputs``; busy as in
-    ``launch.Lists``."""
-    lists = launch.Lists(*tensors, busy=busy)
+def forward_pass(q, k, v, tensors, scale, given):
+    """-> out, lse (base 2) of the forward kernel; tensors and given as from ``kernel_inputs``."""
+    lists = launch.Lists(*tensors)
     cfg = _config(given, "fwd", q, lists, lambda c: launch.forward(q, k, v, lists, scale, c))
     return launch.forward(q, k, v, lists, scale, cfg)
 
 
-def backward_pass(do, q, k, v, out, lse, tensors, scale, given, busy=None):
+def backward_pass(do, q, k, v, out, lse, tensors, scale, given):
     """-> dq, dk, dv of the backward kernels."""
-    lists = launch.Lists(*tensors, busy=busy)
+    lists = launch.Lists(*tensors)
     do = _dense_rows(do)
     cfg = _config(given, "bwd", q, lists, lambda c: launch.backward(do, q, k, v, out, lse, lists, scale, c))
     return launch.backward(do, q, k, v, out, lse, lists, scale, cfg)
@@ -112,10 +111,10 @@ def kernel_inputs(q, k, v, mask, config: Optional[Config] = None):
     """-> (q, k, v with strides the kernels take, the tile metadata of ``mask`` and its tensors, the forced
     config as a list). ``config`` forces tile sizes (tests); by default they are tuned."""
     if config is None:
-        mb = (INTERPRETER.mb_m, INTERPRETER.mb_n) if interpreting() or not q.is_cuda else META_TILE
+        tile = (INTERPRETER.tile_m, INTERPRETER.tile_n) if interpreting() or not q.is_cuda else META_TILE
     else:
-        mb = (config.check().mb_m, config.mb_n)
-    meta = mask.block_meta(*mb)
+        tile = (config.check().tile_m, config.tile_n)
+    meta = mask.tile_meta(*tile)
     q, k, v = (_dense_rows(t) for t in (q, k, v))
     tensors = [getattr(meta, name) for name in _LIST_NAMES]
     return q, k, v, meta, tensors, ([] if config is None else list(config.__dict__.values()))

@@ -1,7 +1,7 @@
 """Attention backends of the model, behind one call: ``attend(q, k, v, batch_mask)``.
 
 A ``BatchMask`` is built once per micro-batch from its document ids and shared by every layer:
-  * ``bbm``         -> ``bbm.Mask.from_documents`` (O(N) ranges; tile metadata cached on the mask)
+  * ``bbm``         -> ``bbm.Mask.from_documents`` (O(N) ranges; what the attention paths derive is kept per mask)
   * ``flex``        -> a FlexAttention ``BlockMask`` with a document-causal ``mask_mod``
   * ``sdpa_masked`` -> a dense boolean ``(B, 1, N, N)`` mask for SDPA
   * ``sdpa_causal`` -> nothing: plain causal attention that ignores documents (speed comparison only)
@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 import bbm
 from bbm._checks import check_tensor, fail
-from bbm.masks.mask import document_spans
 from bbm.model.config import ATTENTION_BACKENDS
 
 _warned_causal = False
@@ -35,23 +34,13 @@ class BatchMask:
     bbm_backend: str = "auto"  # bbm: bbm.attention's backend=
 
     def allowed_pairs(self) -> int:
-        """Allowed (query, key) pairs summed over the micro-batch, per head."""
+        """Allowed (query, key) pairs summed over the micro-batch, per head (no device sync for a mask built from
+        the host's document ids, see ``bbm.Mask.allowed_pairs``)."""
         return self.mask.allowed_pairs() * (self.batch // self.mask.batch)
 
     @property
     def density(self) -> float:
         return self.mask.density
-
-
-def allowed_pairs(doc_ids, backend: str) -> int:
-    """(query, key) pairs per head that ``backend`` attends to in a micro-batch of these document ids ``(B, N)``:
-    each document's causal triangle (the whole row's for ``sdpa_causal``), as ``BatchMask.allowed_pairs`` counts
-    them. Ids still on the host need no device sync: the trainer counts them before the batch moves."""
-    b, n = doc_ids.shape
-    if backend == "sdpa_causal":
-        return b * n * (n + 1) // 2
-    lengths = document_spans(doc_ids)[1]
-    return int((lengths * (lengths + 1) // 2).sum())
 
 
 def build_mask(doc_ids, backend: str, bbm_backend: str = "auto", check: bool = True, device=None) -> BatchMask:

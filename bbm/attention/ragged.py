@@ -1,4 +1,4 @@
-"""Causal document masks as one cuDNN call over ragged (packed, variable-length) sequences.
+"""Causal document masks as one cuDNN call over ragged (variable-length) sequences.
 
 A causal document mask is block diagonal, and when q, k and v hold each sample's tokens one after the other with
 their heads interleaved ((B, N, H, D) memory, what a model's projections give before the head transpose), every
@@ -10,7 +10,7 @@ another layout are first copied into this one (cuDNN's ragged kernels take no ot
 cuDNN compiles a graph per shape: the number of documents (rounded up to a power of two; the extra documents are
 empty) and the longest one (rounded up to a power of two). The first call for a layout (device, dtype, tokens,
 heads, head dim, scale) builds the forward and backward graphs of every shape its micro-batches can take with
-documents of at least ``SHORTEST`` tokens on average (``shapes``: 55 pairs at 32k tokens), so that training pays
+documents of at least ``SHORTEST`` tokens on average (``shapes``), so that training pays
 for them once, up front, instead of in whichever step first meets a shape; rarer shapes are built when met.
 Graphs are shared by all threads (the backward, and a checkpointed forward's recompute, run on the autograd
 engine's thread) behind one lock. The softmax statistics the backward needs are ragged too: one float per token
@@ -21,6 +21,7 @@ library that PyTorch ships.
 """
 import functools
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -28,35 +29,53 @@ import numpy as np
 import torch
 
 from bbm._checks import cudnn_takes
+from bbm._tensors import to_device
 from bbm.masks import Mask
-from bbm.masks.mask import document_spans, to_device
 
 SHORTEST = 64  # the longest-document size classes start here
 _lock = threading.Lock()  # held while building or running a graph: a cuDNN handle serves one thread at a time
 _handles, _graphs = {}, {}  # cuDNN handles by device, built graphs by layout and shape
+_plans = weakref.WeakKeyDictionary()  # mask -> {batch: Documents}
 
 
 @functools.cache
-def frontend():
-    """cudnn-frontend's module, or None where it is not installed or finds no cuDNN library."""
+def _import_frontend():
+    """(cudnn-frontend's module or None, why not)."""
     try:
         import cudnn
-    except (ImportError, OSError):
-        return None
-    return cudnn
+    except ImportError:
+        return None, "cudnn-frontend not installed (pip install nvidia-cudnn-frontend)"
+    except OSError as e:
+        return None, f"cudnn-frontend installed but it finds no cuDNN library ({e})"
+    return cudnn, ""
 
 
-def packed(t: torch.Tensor) -> bool:
+def frontend():
+    """cudnn-frontend's module, or None where it is not installed or finds no cuDNN library."""
+    return _import_frontend()[0]
+
+
+def unavailable_reason() -> str:
+    """Why ``frontend()`` is None ("" when it is not)."""
+    return _import_frontend()[1]
+
+
+def token_major(t: torch.Tensor) -> bool:
     """Whether ``t`` (B, H, N, D) lies in (B, N, H, D) memory order, tokens then heads then dims, densely."""
     b, h, n, d = t.shape
     return (t.stride(3) == 1 and (h == 1 or t.stride(1) == d) and (n == 1 or t.stride(2) == h * d)
             and (b == 1 or t.stride(0) == n * h * d))
 
 
-def supported(q: torch.Tensor) -> bool:
+def available(q: torch.Tensor) -> bool:
     """Whether cuDNN's ragged attention takes queries like ``q``: ``cudnn_takes``, under 2**31 elements (32-bit
     offsets), cudnn-frontend installed."""
     return cudnn_takes(q) and q.numel() < 2 ** 31 and frontend() is not None
+
+
+def supports(q: torch.Tensor, mask: Optional[Mask]) -> bool:
+    """Whether this path runs ``mask`` for queries like ``q``: a causal document mask without window or prefix."""
+    return mask is not None and mask.plain_documents and mask.documents_causal and available(q)
 
 
 def size_class(length: int) -> int:
@@ -76,7 +95,7 @@ class Documents:
     _offsets: dict = field(default_factory=dict, compare=False)
 
     def offsets(self, width: int) -> torch.Tensor:
-        """int32 (count + 1, 1, 1, 1): element offset of each document in a packed tensor of ``width`` elements
+        """int32 (count + 1, 1, 1, 1): element offset of each document in a (B, N, H, D) tensor of ``width`` elements
         per token."""
         if width not in self._offsets:
             self._offsets[width] = (self.first * width).to(torch.int32).view(-1, 1, 1, 1)
@@ -85,29 +104,29 @@ class Documents:
 
 def plan(mask: Mask, batch: int) -> Optional[Documents]:
     """The documents of a causal document mask for inputs of ``batch`` samples (a mask shared by the batch repeats
-    them per sample), or None if it is not one. Cached on the mask; read from the mask's host ids (no device sync
-    for a mask built from host ids, see ``Mask.from_documents``; otherwise one, to copy them): the document count
-    and the longest length decide the graph's shape on the host. A mask found to hold one document per sample is
-    marked ``exactly_causal``."""
-    if mask.documents is None or not mask.documents_causal:
+    them per sample), or None if it is not one. Kept per mask; read from the mask's document spans on the host (no
+    device sync for a mask built from host ids, see ``Mask.from_documents``): the document count and the longest
+    length decide the graph's shape."""
+    if mask is None or not mask.plain_documents or not mask.documents_causal:
         return None
-    key = ("ragged", batch)
-    if key not in mask._meta:
+    plans = _plans.setdefault(mask, {})
+    if batch not in plans:
         n = mask.n_q
-        first, length = document_spans(mask.host_documents().expand(batch, n))  # per sample of the batch
+        first, length = mask.document_spans()
+        if mask.batch < batch:  # a mask shared by the batch: its documents once per sample
+            first = (first + n * torch.arange(batch).unsqueeze(1)).flatten()
+            length = length.repeat(batch)
         # longest first: cuDNN starts the documents' tiles in this order, and a long document's tiles started last
-        # leave most SMs idle at the end (a probe: random order 6% slower, shortest first 8%; NOTES_attention.md)
+        # would leave most SMs idle at the end
         order = torch.from_numpy(np.argsort(-length.numpy(), kind="stable"))
         first, length = first[order], length[order]
-        if first.numel() == batch:  # one document per sample: the mask is plain causal (SDPA's case, see auto)
-            mask.exactly_causal = True
         count = 1 << (first.numel() - 1).bit_length()
         pad = count - first.numel()  # padding documents start at the end, empty
         first = torch.cat([first, first.new_full((pad + 1,), batch * n)])
         lengths = torch.cat([length, length.new_zeros(pad)]).to(torch.int32).view(-1, 1, 1, 1)
-        mask._meta[key] = Documents(to_device(first, mask.device), to_device(lengths, mask.device), count,
-                                    size_class(int(length.max())), batch, n)
-    return mask._meta[key]
+        plans[batch] = Documents(to_device(first, mask.device), to_device(lengths, mask.device), count,
+                                 size_class(int(length.max())), batch, n)
+    return plans[batch]
 
 
 def _handle(device):
@@ -136,7 +155,7 @@ class _Graph:
         self.width = {name: h * (1 if name == "stats" else d) for name, h in heads.items()}
         self.t = {}
 
-        def layout(name):  # (count, heads, longest, dim) over packed tokens; offsets place each document
+        def layout(name):  # (count, heads, longest, dim) over the tokens; offsets place each document
             h, dim = heads[name], 1 if name == "stats" else d
             self.t["at_" + name] = g.tensor(dim=[count + 1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=int32,
                                             name="at_" + name)
@@ -211,20 +230,20 @@ def _run(backward: bool, docs: Documents, scale: float, **tensors):
         graphs[backward, docs.count, docs.longest].run(q.device, docs, **tensors)
 
 
-def _empty_packed(t):
+def _empty_token_major(t):
     b, h, n, d = t.shape
     return torch.empty(b, n, h, d, dtype=t.dtype, device=t.device).transpose(1, 2)
 
 
-def _as_packed(t):
-    """``t`` itself if packed, else a packed copy (differentiable: the gradient flows back to ``t``)."""
-    return t if packed(t) else _empty_packed(t).copy_(t)
+def _as_token_major(t):
+    """``t`` itself if in (B, N, H, D) memory, else such a copy (differentiable: the gradient flows back to ``t``)."""
+    return t if token_major(t) else _empty_token_major(t).copy_(t)
 
 
 class _RaggedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, docs: Documents, scale: float):
-        out = _empty_packed(q)
+        out = _empty_token_major(q)
         stats = torch.empty(docs.batch * docs.tokens, q.shape[1], dtype=torch.float32, device=q.device)
         _run(False, docs, scale, q=q, k=k, v=v, o=out, stats=stats)
         ctx.save_for_backward(q, k, v, out, stats)
@@ -234,12 +253,12 @@ class _RaggedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, out, stats = ctx.saved_tensors
-        dq, dk, dv = _empty_packed(q), _empty_packed(k), _empty_packed(v)
-        _run(True, ctx.docs, ctx.scale, q=q, k=k, v=v, o=out, do=_as_packed(do), stats=stats, dq=dq, dk=dk, dv=dv)
+        dq, dk, dv = _empty_token_major(q), _empty_token_major(k), _empty_token_major(v)
+        _run(True, ctx.docs, ctx.scale, q=q, k=k, v=v, o=out, do=_as_token_major(do), stats=stats, dq=dq, dk=dk, dv=dv)
         return dq, dk, dv, None, None
 
 
 def ragged_attention(q, k, v, docs: Documents, scale: float) -> torch.Tensor:
     """Attention of validated q (B, Hq, N, D), k/v (B, Hkv, N, D) within each document of ``docs``, causally; the
     output lies in (B, N, H, D) memory."""
-    return _RaggedAttention.apply(_as_packed(q), _as_packed(k), _as_packed(v), docs, float(scale))
+    return _RaggedAttention.apply(_as_token_major(q), _as_token_major(k), _as_token_major(v), docs, float(scale))

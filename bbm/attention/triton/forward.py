@@ -4,25 +4,26 @@ with no allowed key) for the backward pass."""
 import triton
 import triton.language as tl
 
-from bbm.kernels.tiles import EDGE, FULL, launch_kernel, load_rows, row_intervals, store_rows, tile_allowed, work_item
+from bbm._triton import launch_kernel
+from bbm.attention.triton.tiles import EDGE, FULL, load_rows, row_intervals, store_rows, tile_allowed, work_item
 
 
 @triton.jit
 def _fwd_loop(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, idx, bits, bits_index, j_lo, j_hi,
               sub_rows, offs_n, offs_d, n_k, D, qk_scale, lo0, len0, lo1, len1,
-              MODE: tl.constexpr, SUB_N: tl.constexpr, MB_N: tl.constexpr, MB_M: tl.constexpr,
+              MODE: tl.constexpr, SUB_N: tl.constexpr, TILE_N: tl.constexpr, TILE_M: tl.constexpr,
               BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
               PREC: tl.constexpr):
     for j in range(j_lo, j_hi):
         tile = tl.load(idx + j // SUB_N)  # key tile of the list; SUB_N blocks of BLOCK_N keys each
         local = (j % SUB_N) * BLOCK_N + offs_n
-        keys = tile * MB_N + local
+        keys = tile * TILE_N + local
         k = load_rows(k_ptr, keys, offs_d, stride_kn, n_k, D, EVEN_N, EVEN_D, UPCAST)
         v = load_rows(v_ptr, keys, offs_d, stride_vn, n_k, D, EVEN_N, EVEN_D, UPCAST)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC)
         if MODE != FULL:  # element mask: bound check, intervals in registers, or the packed bits
             allowed = tile_allowed(keys, sub_rows, (j % SUB_N) * BLOCK_N, n_k, lo0, len0, lo1, len1, bits,
-                                   bits_index + tile, MODE, False, MB_M, MB_N, BLOCK_N)
+                                   bits_index + tile, MODE, False, TILE_M, TILE_N, BLOCK_N)
             qk = tl.where(allowed, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         if MODE != FULL:  # a row may have seen no allowed key yet: shift by 0 instead of -inf
@@ -42,18 +43,18 @@ def fwd_kernel(Q, K, V, O, LSE, Q_COUNT_FULL, Q_COUNT, Q_IDX, Q_ORDER, INTERVALS
                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                n_q, n_k, D, HM, NUM_M, NUM_N, n_items, heads_q, group, qk_scale,
-               KIND: tl.constexpr, MB_M: tl.constexpr, MB_N: tl.constexpr,
+               KIND: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
                UPCAST: tl.constexpr, PREC: tl.constexpr):
-    SUB_M: tl.constexpr = MB_M // BLOCK_M
-    SUB_N: tl.constexpr = MB_N // BLOCK_N
+    SUB_M: tl.constexpr = TILE_M // BLOCK_M
+    SUB_N: tl.constexpr = TILE_N // BLOCK_N
     bm, hm, m, sub, b_off, h_off = work_item(tl.program_id(0), Q_ORDER, n_items, SUB_M, NUM_M, HM, heads_q // HM)
     b = bm + b_off
     h = hm + h_off
     hk = h // group  # GQA: the shared K/V head, never repeated
     sub_rows = sub * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = m * MB_M + sub_rows
+    rows = m * TILE_M + sub_rows
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     q = load_rows(Q + b.to(tl.int64) * stride_qb + h * stride_qh, rows, offs_d, stride_qn, n_q, D, EVEN_M, EVEN_D, UPCAST)
@@ -76,18 +77,19 @@ def fwd_kernel(Q, K, V, O, LSE, Q_COUNT_FULL, Q_COUNT, Q_IDX, Q_ORDER, INTERVALS
     # full tiles without mask work, the last key tile with the bound check only, then the partial tiles
     acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, idx, TILE_BITS, bits_index,
                               0, j_plain, sub_rows, offs_n, offs_d, n_k, D, qk_scale, lo0, len0, lo1, len1,
-                              FULL, SUB_N, MB_N, MB_M, BLOCK_N, EVEN_N, EVEN_D, UPCAST, PREC)
+                              FULL, SUB_N, TILE_N, TILE_M, BLOCK_N, EVEN_N, EVEN_D, UPCAST, PREC)
     if not EVEN_N:
         acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, idx, TILE_BITS, bits_index,
                                   j_plain, j_full, sub_rows, offs_n, offs_d, n_k, D, qk_scale, lo0, len0, lo1, len1,
-                                  EDGE, SUB_N, MB_N, MB_M, BLOCK_N, EVEN_N, EVEN_D, UPCAST, PREC)
+                                  EDGE, SUB_N, TILE_N, TILE_M, BLOCK_N, EVEN_N, EVEN_D, UPCAST, PREC)
     acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, idx, TILE_BITS, bits_index,
                               j_full, count * SUB_N, sub_rows, offs_n, offs_d, n_k, D, qk_scale, lo0, len0, lo1, len1,
-                              KIND, SUB_N, MB_N, MB_M, BLOCK_N, EVEN_N, EVEN_D, UPCAST, PREC)
-    # rows with no allowed key: output 0 and lse +inf (so the backward gives them p = 0)
-    seen = l_i > 0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))
+                              KIND, SUB_N, TILE_N, TILE_M, BLOCK_N, EVEN_N, EVEN_D, UPCAST, PREC)
+    # rows with no allowed key: output 0 and lse +inf (so the backward gives them p = 0); a NaN sum (NaN in the
+    # inputs) is not 0 and propagates to the output, the lse and the gradients, as in SDPA
+    empty = l_i == 0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
     store_rows(O + b.to(tl.int64) * stride_ob + h * stride_oh, out, rows, offs_d, stride_on, n_q, D, EVEN_M, EVEN_D)
     lse_ptr = LSE + (b * heads_q + h).to(tl.int64) * n_q + rows
     if EVEN_M:
