@@ -20,13 +20,6 @@ def dense_attention(q, k, v, allowed, scale=None):
     return p @ v
 
 
-def random_qkv(b, hq, hkv, n_q, n_k, d, dtype=torch.float32, device="cpu", requires_grad=True):
-    q = torch.randn(b, hq, n_q, d, dtype=dtype, device=device)
-    k = torch.randn(b, hkv, n_k, d, dtype=dtype, device=device)
-    v = torch.randn(b, hkv, n_k, d, dtype=dtype, device=device)
-    return tuple(t.requires_grad_(requires_grad) for t in (q, k, v))
-
-
 def random_doc_ids(b, n, max_docs, generator=None, device="cpu"):
     """(B, N) int32 document ids: each row cut at random points into up to `max_docs` runs."""
     rows = []

@@ -3,8 +3,9 @@
 ``backend="auto"`` takes the fastest exact path for the inputs and the mask:
   * no mask, or an exactly causal one (also a document mask with one document per sample), on CUDA ->
     ``sdpa`` (PyTorch's SDPA, its cuDNN kernel first);
-  * a causal document mask without window or prefix, where cudnn-frontend takes the inputs -> ``ragged`` (every
-    document in one cuDNN call over ragged sequences);
+  * a document mask (causal or not; with a window or a bidirectional prefix on causal documents), where
+    cudnn-frontend takes the inputs -> ``ragged`` (every document in one cuDNN call over ragged sequences, two
+    calls for a prefix);
   * any other mask on CUDA, and calls inside ``torch.compile``d code -> ``triton`` (bbm's block-sparse kernels);
   * CPU tensors -> ``reference`` (an exact PyTorch loop over the same tile metadata).
 Each path keeps what it derives from a mask (its plan) itself; the Mask is never written.
@@ -64,7 +65,8 @@ def _validate(q, k, v, mask, scale, backend):
             fail("backend", f"'ragged' where cuDNN's ragged attention runs ({why})",
                  f"q on {q.device}, {q.dtype}, head dim {q.shape[-1]}")
         if not ragged.supports(q, mask):
-            fail("mask", "for backend='ragged', a causal Mask.from_documents mask (no window or prefix)", repr(mask))
+            fail("mask", "for backend='ragged', a Mask.from_documents mask (a window or a prefix only with causal=True, "
+                 "not both)", repr(mask))
     if backend == "triton" and not q.is_cuda:
         from bbm.attention.triton import available  # imported lazily: CPU users never load Triton kernels
         if not available(q):
@@ -116,7 +118,8 @@ def attention(q, k, v, mask: Optional[Mask] = None, *, scale: Optional[float] = 
     if backend == "sdpa":
         out = sdpa.run(q, k, v, mask, scale)
     elif backend == "ragged":
-        sdpa.warm_causal(q, k, v, scale)  # micro-batches of one document per sample go to SDPA
+        if mask.plain_documents and mask.documents_causal:  # micro-batches of one document per sample go to SDPA
+            sdpa.warm_causal(q, k, v, scale)
         out = ragged.ragged_attention(q, k, v, ragged.plan(mask, q.shape[0]), scale)
     else:
         if mask is None:
