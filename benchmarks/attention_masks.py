@@ -9,7 +9,8 @@ from common import packed_doc_ids, stdlib_file_sizes
 stdlib_file_sizes = lru_cache(stdlib_file_sizes)
 
 TREE_NODES = 1024
-MASKS = ("docs", "docs4", "causal", "window", "prefix", "tree", "scatter", "scatter_rcm")
+MASKS = ("docs", "docs4", "causal", "window", "window4k", "docs_window", "prefix", "tree", "scatter", "scatter_rcm")
+WINDOWS = {"window": 1024, "window4k": 4096, "docs_window": 1024}
 
 
 def _tree_parents(nodes: int, seed: int = 0) -> torch.Tensor:
@@ -31,9 +32,10 @@ def _scattered(n: int, device, seed: int = 0) -> torch.Tensor:
 
 
 def document_ids(name: str, n: int, device) -> torch.Tensor:
-    """(n,) document ids of the packed row of the "docs" ("docs4", "prefix": lengths / 4) masks."""
+    """(n,) document ids of the packed row of the "docs" and "docs_window" (byte lengths) or the "docs4" and "prefix"
+    (lengths / 4, a subword-token proxy) masks."""
     sizes = stdlib_file_sizes()
-    lengths = sizes if name == "docs" else [max(1, s // 4) for s in sizes]
+    lengths = sizes if name in ("docs", "docs_window") else [max(1, s // 4) for s in sizes]
     return packed_doc_ids(n, lengths, device=device)[0]
 
 
@@ -57,10 +59,18 @@ def build(name: str, n: int, device):
             return (doc[q] == doc[kv]) & (q >= kv)
 
         return (lambda: bbm.Mask.from_documents(doc[None], check=False)), mask_mod, n, n
+    if name == "docs_window":
+        doc, w = document_ids(name, n, device), WINDOWS[name]
+
+        def mask_mod(b, h, q, kv):
+            return (doc[q] == doc[kv]) & (q >= kv) & (q - kv < w)
+
+        return (lambda: bbm.Mask.from_documents(doc[None], window=w, check=False)), mask_mod, n, n
     if name == "causal":
         return (lambda: bbm.Mask.causal(n, device=device)), (lambda b, h, q, kv: q >= kv), n, n
-    if name == "window":
-        return (lambda: bbm.Mask.causal(n, window=1024, device=device)), (lambda b, h, q, kv: (q >= kv) & (q - kv < 1024)), n, n
+    if name in ("window", "window4k"):
+        w = WINDOWS[name]
+        return (lambda: bbm.Mask.causal(n, window=w, device=device)), (lambda b, h, q, kv: (q >= kv) & (q - kv < w)), n, n
     if name == "tree":
         allowed = bbm.Mask.tree(_tree_parents(TREE_NODES).to(device), n - TREE_NODES).dense[0, 0]
         return (lambda: bbm.Mask.from_dense(allowed[None, None])), (lambda b, h, q, kv: allowed[q, kv]), TREE_NODES, n
