@@ -64,7 +64,7 @@ def main():
         for name in names:
             backend, _, path = name.partition(":")
             batch_mask = build_mask(doc, backend, bbm_backend=path or "auto", check=False)
-            row[name] = timed(lambda: attend(q, k, v, batch_mask).backward(grad), device, repeat=args.repeat,
+            row[name] = timed(lambda: attend(q, k, v, batch_mask.layer(0)).backward(grad), device, repeat=args.repeat,
                               warmup=2)
             totals[name] += row[name]
         rows.append(row)

@@ -19,3 +19,13 @@ def document_spans(doc_ids: torch.Tensor):
     starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
     first = np.flatnonzero(starts).astype(np.int64)
     return torch.from_numpy(first), torch.from_numpy(np.diff(first, append=np.int64(ids.size)))
+
+
+def document_prefix(doc_ids: torch.Tensor, fraction: float) -> torch.Tensor:
+    """bool (B, N), on the ids' device: True on each document's first ``floor(fraction * length)`` tokens."""
+    start = document_starts(doc_ids)
+    pos = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
+    first = torch.where(start, pos, 0).cummax(dim=1).values
+    end = torch.cat([start[:, 1:], torch.ones_like(start[:, :1])], dim=1)
+    last = torch.where(end, pos, doc_ids.shape[1]).flip(1).cummin(dim=1).values.flip(1)
+    return (pos - first) < ((last - first + 1) * fraction).floor().long()

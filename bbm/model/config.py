@@ -1,6 +1,6 @@
 """Model hyper-parameters (the `model:` section of a training YAML)."""
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 from bbm._checks import fail
 from bbm.attention import BACKENDS
@@ -23,7 +23,11 @@ class ModelConfig:
     init_std: float = 0.02
     attention: str = "bbm"  # one of ATTENTION_BACKENDS
     fused: bool = True  # on CUDA: each block's work around its attention, the final norm and the loss torch.compile'd
-    bbm_backend: str = "auto"  # with attention=bbm: bbm.attention's backend= (auto | triton | split | ragged | sdpa | reference)
+    bbm_backend: str = "auto"  # with attention=bbm: bbm.attention's backend= (auto | ragged | triton | sdpa | reference)
+    # attention windows of the layers, cycled over them: an int is a local layer (each token sees that many recent
+    # tokens of its document), null a global one (its whole document); e.g. [1024, null] alternates. []: all global
+    windows: List[Optional[int]] = field(default_factory=list)
+    prefix_fraction: float = 0.0  # each document's first floor(fraction * length) tokens: a bidirectional prefix
 
     def validate(self, prefix: str = "model"):
         for name in ("dim", "n_layers", "n_heads", "multiple_of"):
@@ -46,6 +50,17 @@ class ModelConfig:
         for name in ("norm_eps", "rope_theta", "init_std"):
             if getattr(self, name) <= 0:
                 fail(f"{prefix}.{name}", "a positive float", getattr(self, name))
+        for i, window in enumerate(self.windows):
+            if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
+                fail(f"{prefix}.windows[{i}]", "a positive int (a local layer's window) or null (a global layer)",
+                     repr(window))
+        if not 0 <= self.prefix_fraction < 1:
+            fail(f"{prefix}.prefix_fraction", "a fraction in [0, 1)", self.prefix_fraction)
+
+    def layer_windows(self) -> tuple:
+        """Each layer's attention window (None: its whole document)."""
+        cycle = self.windows or [None]
+        return tuple(cycle[i % len(cycle)] for i in range(self.n_layers))
 
     @property
     def head_dim(self) -> int:

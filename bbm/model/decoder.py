@@ -52,17 +52,17 @@ class Block(nn.Module):
         self.inputs = maybe_compiled(attention_inputs, cfg.fused)
         self.output = maybe_compiled(block_output, cfg.fused)
 
-    def forward(self, x, cos, sin, batch_mask, attention_fn):
+    def forward(self, x, cos, sin, layer_mask, attention_fn):
         q, k, v = self.inputs(self, x, cos, sin)
         # the attention runs between the compiled regions, as it is: any backend, or a sequence-parallel wrapper
-        out = attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), batch_mask)
+        out = attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layer_mask)
         return self.output(self, x, out)
 
 
 class Decoder(nn.Module):
     """``forward(tokens, position_ids, batch_mask, labels)`` -> mean next-token loss over labels != -100.
 
-    ``attention_fn(q, k, v, batch_mask)`` is the one attention entry point; a wrapper (e.g. sequence
+    ``attention_fn(q, k, v, layer_mask)`` is the one attention entry point; a wrapper (e.g. sequence
     parallel) can replace it. ``checkpoint_layers`` recomputes each block in the backward pass."""
 
     def __init__(self, cfg: ModelConfig, checkpoint_layers: bool = False):
@@ -104,11 +104,12 @@ class Decoder(nn.Module):
         x = self.embed(tokens)
         compute = torch.promote_types(x.dtype, torch.float32)
         cos, sin = rope_tables(position_ids, self.cfg.head_dim, self.cfg.rope_theta, compute)  # shared by all layers
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            layer_mask = batch_mask.layer(i)
             if self.checkpoint_layers and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, batch_mask, self.attention_fn, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, layer_mask, self.attention_fn, use_reentrant=False)
             else:
-                x = block(x, cos, sin, batch_mask, self.attention_fn)
+                x = block(x, cos, sin, layer_mask, self.attention_fn)
         return self.norm(x)
 
     def logits(self, tokens, position_ids, batch_mask: BatchMask):

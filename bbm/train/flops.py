@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from bbm.model import BatchMask, attend
+from bbm.model import LayerMask, attend
 
 # bf16 dense tensor-core peaks (TFLOP/s per device), matched against torch.cuda.get_device_name()
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
@@ -55,11 +55,11 @@ def _time_fwd_bwd(fn, leaves, repeats: int) -> float:
     return best
 
 
-def attention_gain(batch_mask: BatchMask, n_heads: int, n_kv_heads: int, head_dim: int, dtype, device,
+def attention_gain(layer_mask: LayerMask, n_heads: int, n_kv_heads: int, head_dim: int, dtype, device,
                    repeats: int = 2) -> dict:
     """Times one layer's attention (fwd + bwd) on this batch's mask with the chosen backend and with dense
     causal SDPA, on random q, k, v of the model's shape and memory order; gain = dense time / chosen time."""
-    b, n = batch_mask.batch, batch_mask.mask.n_q
+    b, n = layer_mask.batch, layer_mask.mask.n_q
     gen = torch.Generator(device=device).manual_seed(0)
 
     def rand(h):  # (B, N, H, D) memory, as the model's projections leave q, k and v
@@ -67,7 +67,7 @@ def attention_gain(batch_mask: BatchMask, n_heads: int, n_kv_heads: int, head_di
 
     leaves = rand(n_heads), rand(n_kv_heads), rand(n_kv_heads)
     gqa = n_heads != n_kv_heads
-    chosen = _time_fwd_bwd(lambda q, k, v: attend(q, k, v, batch_mask), leaves, repeats)
+    chosen = _time_fwd_bwd(lambda q, k, v: attend(q, k, v, layer_mask), leaves, repeats)
     dense = _time_fwd_bwd(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa),
                           leaves, repeats)
     return {"attention_ms": chosen * 1e3, "dense_causal_ms": dense * 1e3, "gain_vs_dense": dense / chosen}

@@ -193,8 +193,11 @@ class Trainer:
                 batch = self._to_device(host)
                 # whole sequence, every layer; from the host's ids, whose document spans the FLOP count and bbm's
                 # document plans read without a device sync
-                batch_mask = build_mask(host["doc_ids"], self.model_cfg.attention, self.model_cfg.bbm_backend,
-                                        check=False, device=self.env.device)  # the loader's ids are runs
+                mc = self.model_cfg
+                batch_mask = build_mask(host["doc_ids"], mc.attention, mc.bbm_backend, check=False,
+                                        device=self.env.device, layer_windows=mc.layer_windows(),
+                                        prefix_fraction=mc.prefix_fraction)  # the loader's ids are runs
+                batch["labels"] = batch_mask.hide_prefix_labels(batch["labels"])
                 pairs = batch_mask.allowed_pairs()
                 if self.sp > 1:
                     batch = shard_batch(batch, self.groups.sp_rank, self.sp)
@@ -294,7 +297,7 @@ class Trainer:
         gain = {}
         if self.env.is_main:
             mc = self.model_cfg
-            gain = attention_gain(self.last_mask, mc.n_heads, mc.kv_heads, mc.head_dim, self.dtype, self.env.device)
+            gain = attention_gain(self.last_mask.layer(0), mc.n_heads, mc.kv_heads, mc.head_dim, self.dtype, self.env.device)
         dist.barrier()
         return gain
 

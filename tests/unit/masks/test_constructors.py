@@ -121,3 +121,10 @@ def test_mask_keeps_how_it_was_built_from_documents():
     assert mask.prefix_lengths().tolist() == [2, 1, 0]
     assert [t.tolist() for t in mask.document_spans()] == [[0, 3, 5], [3, 2, 3]]
     assert bbm.Mask.causal(8, window=3).window == 3 and bbm.Mask.sliding_window(8, 3).documents is not None
+
+
+def test_document_prefix_is_a_fraction_of_each_document():
+    from bbm.masks.documents import document_prefix
+    doc = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 2, 3, 3]])
+    assert document_prefix(doc, 0.5).int().tolist() == [[1, 1, 0, 0, 1, 0, 0, 0, 1, 0]]
+    assert not document_prefix(doc, 0.0).any()

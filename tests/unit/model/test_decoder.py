@@ -75,7 +75,8 @@ def test_allowed_pairs_and_flops():
     tokens, labels, pos, doc = fields(packed_batch(B, N, VOCAB, 5, 7))
     for backend in ("bbm", "sdpa_masked", "sdpa_causal"):
         mask = build_mask(doc, backend)
-        assert mask.allowed_pairs() == int(mask.mask.to_dense().sum()) * (B // mask.mask.batch), backend
+        layer = mask.layer(0)
+        assert mask.allowed_pairs() == int(layer.mask.to_dense().sum()) * (B // layer.mask.batch), backend
     lengths = torch.unique_consecutive(doc[0], return_counts=True)[1]
     assert int(build_mask(doc[:1], "sdpa_masked").allowed_pairs()) == int((lengths * (lengths + 1) // 2).sum())
     one_token_and_whole_row = torch.tensor([[5, 5, 2, 2, 2, 7], [1, 1, 1, 1, 1, 1]])
@@ -85,7 +86,7 @@ def test_allowed_pairs_and_flops():
 
 def test_gain_timing_runs():
     tokens, labels, pos, doc = fields(packed_batch(B, N, VOCAB, 5, 8))
-    gain = attention_gain(build_mask(doc, "sdpa_masked"), 4, 2, 16, torch.float32, torch.device("cpu"), repeats=1)
+    gain = attention_gain(build_mask(doc, "sdpa_masked").layer(0), 4, 2, 16, torch.float32, torch.device("cpu"), repeats=1)
     assert gain["attention_ms"] > 0 and gain["dense_causal_ms"] > 0
     assert gain["gain_vs_dense"] == pytest.approx(gain["dense_causal_ms"] / gain["attention_ms"])
 
@@ -126,3 +127,33 @@ def test_bbm_backend_reaches_bbm_attention():
         assert m(tokens, pos, build_mask(doc, "bbm", "reference"), labels) == exact  # what auto runs on CPU
         with pytest.raises(ValueError, match="^backend: expected 'ragged' where cuDNN's ragged attention runs"):
             m(tokens, pos, build_mask(doc, "bbm", "ragged"), labels)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_local_and_global_layers_with_prefixes_agree_across_backends():
+    """Per-layer windows (a local layer between global ones) and per-document prefixes: each backend runs the same
+    masks; prefix tokens whose next token they can see get no label."""
+    m = model(n_layers=3, windows=[5, None], prefix_fraction=0.5)
+    assert m.cfg.layer_windows() == (5, None, 5)
+    tokens, labels, pos, doc = fields(packed_batch(B, N, VOCAB, 5, 11))
+    masks = {be: build_mask(doc, be, layer_windows=m.cfg.layer_windows(), prefix_fraction=0.5)
+             for be in ("bbm", "flex", "sdpa_masked")}
+    bbm_mask = masks["bbm"]
+    assert bbm_mask.layer(0).mask.window == 5 and bbm_mask.layer(1).mask.window is None
+    assert bbm_mask.layer(2) is bbm_mask.layer(0)
+    hidden = bbm_mask.hide_prefix_labels(labels)
+    prefix = bbm_mask.prefix
+    assert ((hidden == -100) >= (labels == -100)).all() and (hidden[:, :-1][prefix[:, :-1] & prefix[:, 1:]] == -100).all()
+    with torch.no_grad():  # FlexAttention has no CPU backward; its eager forward is exact
+        losses = {be: m(tokens, pos, mask, hidden).item() for be, mask in masks.items()}
+    assert losses["flex"] == pytest.approx(losses["bbm"], rel=1e-10)
+    assert losses["sdpa_masked"] == pytest.approx(losses["bbm"], rel=1e-10)
+    dense = [bbm_mask.layer(i).mask.to_dense().sum() for i in range(3)]
+    assert bbm_mask.allowed_pairs() == pytest.approx(float(sum(dense)) / 3 * (B // bbm_mask.layer(0).mask.batch))
+
+
+@pytest.mark.parametrize("key, value", [("windows", [0]), ("windows", [2.5]), ("prefix_fraction", 1.0),
+                                        ("prefix_fraction", -0.1)])
+def test_windows_and_prefix_fraction_are_checked(key, value):
+    with pytest.raises(ValueError, match=f"^model.{key}"):
+        ModelConfig(**{key: value}).validate()
