@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 import bbm
-from attention_masks import MASKS, build, document_ids
+from attention_masks import MASKS, WINDOWS, build, document_ids
+from bbm.attention import fa4
 from common import environment, timed, write_json
 
 META_TILE = (128, 128)
@@ -100,7 +101,46 @@ def flex_case(mask_mod, q, k, v, grad, n_q, n_k, repeat, row, compile_seconds):
     if guarded(lambda: fwd_bwd(fn, q, k, v, grad)(), 120) is None:  # compile forward and backward
         return None
     row["flex_fwd_ms"], row["flex_fwdbwd_ms"] = time_pair(fn, q, k, v, grad, repeat)
+    if flash_available():  # FlexAttention's FLASH backend: the same BlockMask on FlashAttention-4's kernels
+        options = {"BACKEND": "FLASH"}
+        flash = lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=gqa, kernel_options=options)
+        try:
+            if guarded(lambda: fwd_bwd(flash, q, k, v, grad)(), 240) is not None:
+                row["flex_flash_fwd_ms"], row["flex_flash_fwdbwd_ms"] = time_pair(flash, q, k, v, grad, repeat)
+        except Exception as e:  # noqa: BLE001 - an unsupported case is reported, not fatal
+            row["flex_flash_error"] = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
     return fn
+
+
+def flash_available() -> bool:
+    from bbm.attention import fa4
+    return fa4._import() is not None
+
+
+def fa4_native_case(name, q, k, v, grad, repeat, row):
+    """FlashAttention-4's own interface where it states the mask: windows and causal through ``window_size``,
+    documents through its variable-length entry point (one sample), on the same (B, N, H, D) memory."""
+    from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
+    window = WINDOWS.get(name)
+    bnhd = lambda t: t.transpose(1, 2)  # free for the bnhd layout
+    if name in ("causal", "window", "window4k"):
+        left = -1 if window is None else window - 1
+        fn = lambda q, k, v: flash_attn_func(bnhd(q), bnhd(k), bnhd(v), causal=True, window_size=(left, 0))[0]
+    elif name in ("docs", "docs4", "docs_window") and q.shape[0] == 1:
+        counts = torch.unique_consecutive(document_ids(name, q.shape[2], q.device), return_counts=True)[1]
+        cu = torch.nn.functional.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+        longest = int(counts.max())
+        left = -1 if window is None else window - 1
+        fn = lambda q, k, v: flash_attn_varlen_func(bnhd(q)[0], bnhd(k)[0], bnhd(v)[0], cu_seqlens_q=cu,
+                                                    cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest,
+                                                    causal=True, window_size=(left, 0))[0]
+    else:
+        return
+    try:
+        if guarded(lambda: fwd_bwd(fn, q, k, v, grad)(), 240) is not None:
+            row["fa4_fwd_ms"], row["fa4_fwdbwd_ms"] = time_pair(fn, q, k, v, grad, repeat)
+    except Exception as e:  # noqa: BLE001 - an unsupported case is reported, not fatal
+        row["fa4_error"] = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
 
 
 def sdpa_cases(mask, q, k, v, grad, repeat, dense_max, row):
@@ -192,6 +232,17 @@ def run_case(name, n, d, heads, kv_heads, args, dev):
     row["bbm_backend"] = bbm.choose_backend(q, mask)
     fn = lambda q, k, v: bbm.attention(q, k, v, mask)
     row["bbm_fwd_ms"], row["bbm_fwdbwd_ms"] = time_pair(fn, q, k, v, grad, args.repeat)
+    if row["bbm_backend"] != "fa4" and flash_available() and fa4.supports(q, mask):  # bbm's lists on FA4's kernels
+        fa4_fn = lambda q, k, v: bbm.attention(q, k, v, mask, backend="fa4")
+        try:
+            if guarded(lambda: fwd_bwd(fa4_fn, q, k, v, grad)(), 240) is not None:
+                row["bbm_fa4_meta_ms"] = wall_ms(lambda: bbm.plan(q, make_mask(), "fa4"), repeat=args.repeat)
+                row["bbm_fa4_fwd_ms"], row["bbm_fa4_fwdbwd_ms"] = time_pair(fa4_fn, q, k, v, grad, args.repeat)
+                with torch.no_grad():
+                    a, b = bbm.attention(q, k, v, mask).float(), fa4_fn(q, k, v).float()
+                    row["rel_diff_fa4"] = ((a - b).norm() / b.norm()).item()
+        except Exception as e:  # noqa: BLE001 - reported, not fatal
+            row["bbm_fa4_error"] = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
     if row["bbm_backend"] != "triton":  # also the Triton kernels themselves, and their metadata alone
         row["bbm_triton_meta_ms"] = wall_ms(lambda: bbm.plan(q, make_mask(), "triton"), repeat=args.repeat)
         tri = lambda q, k, v: bbm.attention(q, k, v, mask, backend="triton")
@@ -208,6 +259,8 @@ def run_case(name, n, d, heads, kv_heads, args, dev):
                 a, b = bbm.attention(q, k, v, mask).float(), flex(q, k, v).float()
                 row["rel_diff_vs_flex"] = ((a - b).norm() / b.norm()).item()
         stage("flex timed")
+    if flash_available():
+        fa4_native_case(name, q, k, v, grad, args.repeat, row)
     sdpa_cases(mask, q, k, v, grad, args.repeat, args.sdpa_dense_max, row)
     varlen_case(name, n, mask, q, k, v, grad, args.repeat, row)
     stage("sdpa and varlen timed")
@@ -229,36 +282,32 @@ def add_rates(row):
         if row[key]:
             flop = row["fwd_tflop"] * (3.5 if key.endswith("fwdbwd_ms") else 1.0)
             row[key[:-3] + "_tflops"] = flop / (row[key] / 1e3)
-    for peer in ("flex", "sdpa_flash", "sdpa_cudnn", "sdpa_dense", "varlen"):
+    for peer in ("flex", "flex_flash", "fa4", "sdpa_flash", "sdpa_cudnn", "sdpa_dense", "varlen"):
         for what in ("fwd", "fwdbwd"):
-            for path in ("", "triton_", "bnhd_"):
+            for path in ("", "triton_", "fa4_", "bnhd_"):
                 mine, theirs = row.get(f"bbm_{path}{what}_ms"), row.get(f"{peer}_{what}_ms")
                 if mine and theirs:
                     row[f"ratio_{path}{what}_vs_{peer}"] = mine / theirs
 
 
 def fmt(x, spec="8.2f"):
-    return f"{x:{spec}}" if isinstance(x, (int, float)) else f"{'-':>8}"
+    width = int(spec.split(".")[0]) if spec[0].isdigit() else 8
+    return f"{x:{spec}}" if isinstance(x, (int, float)) else f"{'-':>{width}}"
 
 
 def print_table(rows):
-    head = (f"{'mask':>11} {'N':>6} {'D':>3} {'H':>5} {'dens':>5} | {'bbm fwd':>8} {'fwd+bwd':>8} {'TF/s':>5} "
-            f"{'meta':>6} | {'flex fwd':>8} {'fwd+bwd':>8} {'TF/s':>5} {'bmask':>8} {'bm cmp':>7} | "
-            f"{'ratio':>5} | {'sdpa f+b':>8} | {'varlen':>8} {'ratio':>5} | {'triton':>8} {'ratio':>5} {'meta':>6} | "
-            f"{'bnhd':>8} {'ratio':>5} | backend")
-    print(head)
+    """fwd+bwd ms of each path and peer, bbm's TFLOP/s (allowed pairs), bbm / Flex."""
+    cols = [("bbm", "bbm_fwdbwd_ms"), ("triton", "bbm_triton_fwdbwd_ms"), ("bbm fa4", "bbm_fa4_fwdbwd_ms"),
+            ("flex", "flex_fwdbwd_ms"), ("flexFLASH", "flex_flash_fwdbwd_ms"), ("FA4", "fa4_fwdbwd_ms"),
+            ("varlen", "varlen_fwdbwd_ms")]
+    print(f"{'mask':>11} {'N':>6} {'D':>3} {'H':>5} {'dens':>5} | " + " ".join(f"{c:>9}" for c, _ in cols)
+          + f" | {'TF/s':>5} {'bbm/flex':>8} | backend")
     for r in rows:
-        sdpa = r.get("sdpa_cudnn_fwdbwd_ms") or r.get("sdpa_flash_fwdbwd_ms") or r.get("sdpa_dense_fwdbwd_ms")
+        sdpa = r.get("sdpa_cudnn_fwdbwd_ms") or r.get("sdpa_flash_fwdbwd_ms")
         print(f"{r['mask']:>11} {r['n']:>6} {r['d']:>3} {r['heads']:>2}:{r['kv_heads']:<2} {r['density']:5.3f} | "
-              f"{fmt(r.get('bbm_fwd_ms'))} {fmt(r.get('bbm_fwdbwd_ms'))} {fmt(r.get('bbm_fwdbwd_tflops'), '5.0f')} "
-              f"{fmt(r.get('bbm_meta_ms'), '6.3f')} | {fmt(r.get('flex_fwd_ms'))} {fmt(r.get('flex_fwdbwd_ms'))} "
-              f"{fmt(r.get('flex_fwdbwd_tflops'), '5.0f')} {fmt(r.get('flex_blockmask_ms'))} "
-              f"{fmt(r.get('flex_blockmask_compiled_ms'), '7.2f')} | {fmt(r.get('ratio_fwdbwd_vs_flex'), '5.2f')} | "
-              f"{fmt(sdpa)} | {fmt(r.get('varlen_fwdbwd_ms'))} {fmt(r.get('ratio_fwdbwd_vs_varlen'), '5.2f')} | "
-              f"{fmt(r.get('bbm_triton_fwdbwd_ms'))} {fmt(r.get('ratio_triton_fwdbwd_vs_flex'), '5.2f')} "
-              f"{fmt(r.get('bbm_triton_meta_ms'), '6.3f')} | {fmt(r.get('bbm_bnhd_fwdbwd_ms'))} "
-              f"{fmt(r.get('ratio_bnhd_fwdbwd_vs_flex'), '5.2f')} | "
-              f"{r['bbm_backend']}", flush=True)
+              + " ".join(f"{fmt(r.get(key), '9.2f')}" for _, key in cols)
+              + f" | {fmt(r.get('bbm_fwdbwd_tflops'), '5.0f')} {fmt(r.get('ratio_fwdbwd_vs_flex'), '8.2f')} | "
+              f"{r['bbm_backend']}" + (f" (sdpa {sdpa:.2f})" if sdpa else ""), flush=True)
 
 
 def plot(json_path, png_path):
@@ -274,7 +323,8 @@ def plot(json_path, png_path):
                      key=lambda r: r["n"])
         for key, label in (("bbm_fwdbwd_tflops", "bbm"), ("bbm_triton_fwdbwd_tflops", "bbm Triton"),
                            ("bbm_bnhd_fwdbwd_tflops", "bbm, (B, N, H, D) memory"),
-                           ("flex_fwdbwd_tflops", "FlexAttention"), ("sdpa_cudnn_fwdbwd_tflops", "SDPA cuDNN"),
+                           ("bbm_fa4_fwdbwd_tflops", "bbm lists on FA4"), ("flex_fwdbwd_tflops", "FlexAttention"),
+                           ("flex_flash_fwdbwd_tflops", "Flex FLASH"), ("fa4_fwdbwd_tflops", "FlashAttention-4"), ("sdpa_cudnn_fwdbwd_tflops", "SDPA cuDNN"),
                            ("sdpa_flash_fwdbwd_tflops", "SDPA flash"), ("sdpa_dense_fwdbwd_tflops", "SDPA dense mask"),
                            ("varlen_fwdbwd_tflops", "PyTorch varlen")):
             pts = [(r["n"], r[key]) for r in sel if r.get(key)]

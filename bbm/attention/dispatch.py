@@ -7,6 +7,8 @@
     cudnn-frontend takes the inputs -> ``ragged`` (every document in one cuDNN call over ragged sequences, two
     calls for a prefix);
   * any other mask on CUDA, and calls inside ``torch.compile``d code -> ``triton`` (bbm's block-sparse kernels);
+``backend="fa4"`` runs structured masks on FlashAttention-4's Hopper kernels driven by bbm's tile lists
+(``bbm.attention.fa4``, where ``flash_attn.cute`` is installed);
   * CPU tensors -> ``reference`` (an exact PyTorch loop over the same tile metadata).
 Each path keeps what it derives from a mask (its plan) itself; the Mask is never written.
 """
@@ -16,11 +18,11 @@ from typing import Optional
 import torch
 
 from bbm._checks import check_tensor, fail
-from bbm.attention import ragged, sdpa
+from bbm.attention import fa4, ragged, sdpa
 from bbm.attention.reference import reference_attention
 from bbm.masks import Mask
 
-BACKENDS = ("auto", "sdpa", "ragged", "triton", "reference")
+BACKENDS = ("auto", "sdpa", "ragged", "fa4", "triton", "reference")
 
 
 def _check_shapes(q, k, v):
@@ -67,6 +69,10 @@ def _validate(q, k, v, mask, scale, backend):
         if not ragged.supports(q, mask):
             fail("mask", "for backend='ragged', a Mask.from_documents mask (a window or a prefix only with causal=True, "
                  "not both)", repr(mask))
+    if backend == "fa4" and not fa4.supports(q, mask):
+        fail("backend", "'fa4' where FlashAttention-4's Hopper kernels run (flash_attn.cute installed, a compute "
+             "capability 9 GPU, fp16/bf16, head dim 64 or 128) on a structured mask (ranges, not reordered)",
+             f"q on {q.device}, {q.dtype}, head dim {q.shape[-1]}, mask {mask!r}")
     if backend == "triton" and not q.is_cuda:
         from bbm.attention.triton import available  # imported lazily: CPU users never load Triton kernels
         if not available(q):
@@ -93,6 +99,8 @@ def plan(q, mask: Optional[Mask], backend: str = "auto") -> str:
     backend = choose_backend(q, mask) if backend == "auto" else backend
     if backend == "ragged":
         ragged.plan(mask, q.shape[0])
+    if backend == "fa4":
+        fa4.plan(mask, q.shape[0])
     if backend == "triton" and mask is not None:
         from bbm.attention.triton.tuning import META_TILE  # imported lazily: CPU users never load Triton
         mask.tile_meta(*META_TILE)
@@ -106,7 +114,7 @@ def attention(q, k, v, mask: Optional[Mask] = None, *, scale: Optional[float] = 
     q ``(B, Hq, Nq, D)``, k and v ``(B, Hkv, Nk, D)`` with ``Hq % Hkv == 0`` (GQA/MQA). ``mask=None`` is
     full attention. ``scale`` defaults to ``1/sqrt(D)``. A query with no allowed key outputs zeros and
     gets zero gradient; NaN and Inf in the inputs propagate as in SDPA. ``backend`` forces a path ("sdpa",
-    "ragged", "triton", "reference"); "auto" picks the fastest exact one (see this module's docstring). q, k and
+    "ragged", "fa4", "triton", "reference"); "auto" picks the fastest exact one (see this module's docstring). q, k and
     v in (B, N, H, D) memory (``q = x.view(B, N, H, D).transpose(1, 2)``, what a model's projections give) save
     the ragged path a copy. Differentiable in q, k and v."""
     _validate(q, k, v, mask, scale, backend)
@@ -117,6 +125,8 @@ def attention(q, k, v, mask: Optional[Mask] = None, *, scale: Optional[float] = 
         q, k, v = (t.index_select(2, mask.perm) for t in (q, k, v))
     if backend == "sdpa":
         out = sdpa.run(q, k, v, mask, scale)
+    elif backend == "fa4":
+        out = fa4.fa4_attention(q, k, v, mask, scale)
     elif backend == "ragged":
         if mask.plain_documents and mask.documents_causal:  # micro-batches of one document per sample go to SDPA
             sdpa.warm_causal(q, k, v, scale)

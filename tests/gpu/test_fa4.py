@@ -1,0 +1,48 @@
+"""FlashAttention-4's Hopper kernels driven by bbm's tile lists (bbm.attention.fa4) against a float64 dense reference,
+outputs and gradients, by FlashAttention's rule: windows, windowed and prefix-LM documents, global tokens, a causal
+mask with Nq != Nk, odd lengths, GQA, head dims 64 and 128, fp16 and bf16, fully masked rows."""
+import pytest
+import torch
+
+import bbm
+from bbm.attention import fa4
+from bbm.masks.documents import document_prefix
+from bbm.testing import random_doc_ids
+from helpers.attention import check_flash_rule, qkv
+
+CUDA = "cuda"
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or fa4._import() is None
+                                or torch.cuda.get_device_capability()[0] != 9,
+                                reason="needs flash_attn.cute (pip install bbm[hopper]) and a Hopper GPU")
+
+
+def run_fa4(mask, scale):
+    return lambda q, k, v: bbm.attention(q, k, v, mask, scale=scale, backend="fa4")
+
+
+def documents(b, n, count, seed):
+    return random_doc_ids(b, n, count, generator=torch.Generator().manual_seed(seed), device=CUDA)
+
+
+@pytest.mark.parametrize("dtype,d,kv_heads", [(torch.bfloat16, 128, 4), (torch.float16, 64, 2)])
+def test_structured_masks_gpu(dtype, d, kv_heads):
+    n = 2311  # no multiple of the 128-token tile
+    doc = documents(2, n, 12, d + kv_heads)
+    masks = [bbm.Mask.sliding_window(n, 300, device=CUDA), bbm.Mask.from_documents(doc, window=200),
+             bbm.Mask.from_documents(doc, prefix=document_prefix(doc, 0.4)), bbm.Mask.from_documents(doc),
+             bbm.Mask.global_tokens(n, 40, 256, device=CUDA)]
+    q, k, v = qkv(2, 16, kv_heads, n, d=d, dtype=dtype, device=CUDA, token_major=True)
+    for mask in masks:
+        check_flash_rule(run_fa4(mask, d ** -0.5), q, k, v, mask, d ** -0.5)
+
+
+def test_causal_with_fewer_queries_and_empty_rows_gpu():
+    mask = bbm.Mask.causal(700, 1500, window=300, device=CUDA)
+    q, k, v = qkv(1, 16, 4, 700, 1500, 128, torch.bfloat16, CUDA)
+    check_flash_rule(run_fa4(mask, 0.1), q, k, v, mask, 0.1)
+    lo = torch.zeros(1, 640, dtype=torch.int32, device=CUDA)
+    hi = torch.randint(1, 640, (1, 640), device=CUDA, dtype=torch.int32)
+    hi[:, 100:180] = 0  # fully masked rows: zero output and gradients
+    ranges = bbm.Mask.from_ranges(lo, hi, n_k=640)
+    q, k, v = qkv(1, 16, 4, 640, d=128, dtype=torch.bfloat16, device=CUDA)
+    check_flash_rule(run_fa4(ranges, 0.125), q, k, v, ranges, 0.125)
