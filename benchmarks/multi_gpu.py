@@ -25,8 +25,10 @@ head of each rank's table (on a GPU: kernel time by kind, communication included
 GPU-idle time per phase of the step) in the results. Results: ``benchmarks/results/multi_gpu_<card>x<G>.json``.
 """
 import argparse
+import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -97,25 +99,45 @@ def command(run: Run, args, run_dir: Path, port: int) -> List[str]:
     if args.profile:
         first = args.warmup + args.steps + 1
         overrides.append(f"metrics.profile_steps=[{first},{first + PROFILED_STEPS - 1}]")
-    if run.gpus == 1:
-        launcher = [sys.executable, "train.py"]
-    else:
-        launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(run.gpus),
-                    "--master_port", str(port), "train.py"]
-    return [*launcher, "--config", args.config, *overrides, *args.overrides]
+    return [*launcher(run.gpus, port), "--config", args.config, *overrides, *args.overrides]
+
+
+def launcher(gpus: int, port: int) -> List[str]:
+    """How train.py starts on ``gpus`` GPUs: one process as it is, several through DeepSpeed's launcher."""
+    if gpus == 1:
+        return [sys.executable, "train.py"]
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(gpus), "--master_port", str(port),
+            "train.py"]
+
+
+def run_command(cmd: List[str], timeout: int):
+    """(exit status, or None if it ran past ``timeout`` seconds; its output) of a command run from the repository
+    root in a session of its own: on a timeout or an interruption the launcher, its ranks and their workers are
+    all killed, so that none keeps holding a GPU."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, output
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return None, proc.communicate()[0]
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
 
 
 def execute(run: Run, cmd: List[str], run_dir: Path, timeout: int) -> Optional[list]:
     """Runs one command -> its metrics.jsonl records (None if it failed or timed out)."""
     print(f"== {run.name}: {run.gpus} GPU(s), {' '.join(run.overrides)}", flush=True)
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, timeout=timeout, capture_output=True, text=True)
-    except subprocess.TimeoutExpired:
+    status, output = run_command(cmd, timeout)
+    records = read_metrics(run_dir)
+    if status is None:
         print(f"   timed out after {timeout} s", flush=True)
         return None
-    records = read_metrics(run_dir)
-    if proc.returncode != 0 or not records:
-        print("\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:]), flush=True)
+    if status != 0 or not records:
+        print("\n".join(output.strip().splitlines()[-15:]), flush=True)
         return None
     return records
 

@@ -58,7 +58,7 @@ def test_bad_arguments_are_named(bench, args, words):
 
 def test_two_cpu_ranks_end_to_end(tmp_path):
     out = tmp_path / "multi_gpu.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "benchmarks/multi_gpu.py", "--device", "cpu", "--gpus", "1,2", "--modes",
                            "zero2", "--warmup", "1", "--steps", "2", "--out", str(out), *TINY,
                            f"data.cache_dir={tmp_path / 'data'}"], cwd=REPO, env=env, capture_output=True, text=True,
