@@ -4,6 +4,7 @@ parallelism (ZeRO-2, sequence_parallel_size = G), on 1, 2, 4 and 8 GPUs where th
     python benchmarks/multi_gpu.py                                  # ~350M at 32k, every power of two of GPUs here
     python benchmarks/multi_gpu.py --gpus 1,2,4 --modes zero2,sp --profile data.tokenizer=/data/tokenizer.json
     python benchmarks/multi_gpu.py --device cpu --gpus 1,2 --config configs/tiny_cpu.yaml     # gloo, CPU ranks
+    python benchmarks/multi_gpu.py --warmup 4 --steps 8 --log-every 4    # a metrics record every 4 steps
     python benchmarks/multi_gpu.py --dry-run                        # print the plan's commands only
 
 One-GPU runs are ``python train.py``; G-GPU runs ``deepspeed --num_gpus G train.py``. Per ZeRO stage the plan has
@@ -14,11 +15,14 @@ run's tokens/s, by two definitions, both printed:
 
 * same global batch: the one-GPU run takes as many sequences per optimizer step as the G-GPU run (it accumulates
   G micro-batches), so both train the same model on the same data and their loss curves must agree (the table's
-  loss column: the largest difference over the warm-up and timed steps); the one-GPU run amortises its optimizer
-  step over G micro-batches;
+  loss column: the largest difference over the records of the warm-up and timed steps); the one-GPU run amortises
+  its optimizer step over G micro-batches;
 * same per-GPU batch: the one-GPU run processes as many tokens per optimizer step as each GPU of the G-GPU run
   (one micro-batch a step; under sequence parallelism each GPU's G micro-steps of 1/G of a sequence), so every GPU
   amortises its optimizer step over the same work.
+
+A metrics record (two all-reduces, a device sync, rank 0 writing a line) comes every ``--log-every`` steps: 1 (the
+default) compares the losses step by step; 4 or 10 time the steps as training with the presets' logging does.
 
 ``--profile`` runs two more steps after the timed ones under ``metrics.profile_steps`` on every rank and keeps the
 head of each rank's table (on a GPU: kernel time by kind, communication included, GPU busy time, and the host and
@@ -94,8 +98,8 @@ def plan(counts: List[int], modes: List[str], n_heads: int, kv_heads: int):
 
 def command(run: Run, args, run_dir: Path, port: int) -> List[str]:
     steps = args.warmup + args.steps + (PROFILED_STEPS if args.profile else 0)
-    overrides = [*training_overrides(steps, run_dir), "metrics.gain_every=0", f"run.device={args.device}",
-                 *run.overrides]
+    overrides = [*training_overrides(steps, run_dir), f"metrics.log_every={args.log_every}", "metrics.gain_every=0",
+                 f"run.device={args.device}", *run.overrides]
     if args.profile:
         first = args.warmup + args.steps + 1
         overrides.append(f"metrics.profile_steps=[{first},{first + PROFILED_STEPS - 1}]")
@@ -148,8 +152,10 @@ def profile_heads(run_dir: Path, lines: int = 24) -> dict:
 
 
 def summary(run: Run, records, args) -> dict:
-    """Medians over the timed steps; the losses of the warm-up and timed steps."""
-    timed = [r for r in records if args.warmup < r["step"] <= args.warmup + args.steps]
+    """Medians over the records of the timed steps (each covers ``--log-every`` steps); the losses of the records
+    of the warm-up and timed steps."""
+    starts = [0] + [r["step"] for r in records[:-1]]  # a record covers the steps after the one before it
+    timed = [r for r, first in zip(records, starts) if first >= args.warmup and r["step"] <= args.warmup + args.steps]
     if not timed:
         return {"gpus": run.gpus, "error": f"no record of the timed steps {args.warmup + 1}-{args.warmup + args.steps}"}
     tokens = statistics.median(r["tokens_per_s"] for r in timed)
@@ -235,6 +241,8 @@ def main(argv=None):
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=7)
+    ap.add_argument("--log-every", type=int, default=1,
+                    help="steps per metrics record (and per loss compared); it must divide --warmup and --steps")
     ap.add_argument("--profile", action="store_true", help="profile 2 more steps on every rank (see above)")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per run")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/multi_gpu_<card>x<G>.json)")
@@ -242,6 +250,9 @@ def main(argv=None):
     ap.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
     args = ap.parse_args(argv)
+    if args.log_every <= 0 or args.warmup % args.log_every or args.steps % args.log_every:
+        raise SystemExit(f"--log-every: expected a divisor of --warmup {args.warmup} and --steps {args.steps}, got "
+                         f"{args.log_every}")
     modes = args.modes.split(",")
     if not modes or set(modes) - set(MODES):
         raise SystemExit(f"--modes: expected some of {MODES} separated by commas, got {args.modes!r}")
@@ -272,11 +283,12 @@ def main(argv=None):
     env.update(gpus=max(counts), deepspeed=deepspeed.__version__, topology=topology(),
                nccl=".".join(map(str, torch.cuda.nccl.version())) if args.device == "cuda" else None)
     print(f"\n{args.config} {' '.join(args.overrides)}: {env['card']}, torch {env['torch']}, deepspeed "
-          f"{env['deepspeed']}; {args.warmup} warm-up + {args.steps} timed steps, medians")
+          f"{env['deepspeed']}; {args.warmup} warm-up + {args.steps} timed steps, a record every {args.log_every}, "
+          "medians over the timed records")
     print(table(runs, rows, skipped))
     out = Path(args.out) if args.out else RESULTS / f"multi_gpu_{card_slug(args.device, counts)}.json"
     write_json(out, {"config": args.config, "overrides": args.overrides, "environment": env, "warmup": args.warmup,
-                     "steps": args.steps, "definitions": {
+                     "steps": args.steps, "log_every": args.log_every, "definitions": {
                          "efficiency_same_global_batch": "tokens/s per GPU over the one-GPU run that accumulates the "
                                                          "G-GPU run's sequences per step",
                          "efficiency_same_per_gpu_batch": "tokens/s per GPU over the one-GPU run with one micro-batch "

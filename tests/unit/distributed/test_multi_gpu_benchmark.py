@@ -1,6 +1,7 @@
 """benchmarks/multi_gpu.py: the plan for 1, 2, 4, 8 GPUs (every command, built without running), and one real run
 on CPU ranks over gloo at a tiny scale (one-GPU baselines, two ranks data parallel) that writes both efficiencies
 and the loss comparison."""
+import argparse
 import importlib
 import json
 import os
@@ -37,7 +38,7 @@ def test_plan_for_eight_gpus(bench, capsys):
             assert cmd[1] == "train.py"
         else:
             assert cmd[1:6] == ["-m", "deepspeed.launcher.runner", "--num_gpus", str(run.gpus), "--master_port"]
-        assert f"deepspeed.zero_stage={run.stage}" in cmd and "run.device=cpu" in cmd
+        assert f"deepspeed.zero_stage={run.stage}" in cmd and "run.device=cpu" in cmd and "metrics.log_every=1" in cmd
         assert f"deepspeed.gradient_accumulation_steps={run.accum}" in cmd
         assert f"deepspeed.sequence_parallel_size={run.sp}" in cmd
     sp4 = next(run for run in plan["runs"] if run.name == "zero2_sp4")
@@ -48,7 +49,8 @@ def test_plan_for_eight_gpus(bench, capsys):
 
 
 @pytest.mark.parametrize("args,words", [(["--gpus", "1,x"], ["--gpus", "'1,x'"]),
-                                        (["--modes", "zero2,zero9"], ["--modes", "'zero2,zero9'"])])
+                                        (["--modes", "zero2,zero9"], ["--modes", "'zero2,zero9'"]),
+                                        (["--log-every", "2"], ["--log-every", "--warmup 3", "got 2"])])
 def test_bad_arguments_are_named(bench, args, words):
     with pytest.raises(SystemExit) as info:
         bench.main(["--dry-run", "--device", "cpu", *args])
@@ -76,3 +78,23 @@ def test_two_cpu_ranks_end_to_end(tmp_path):
     # two ranks of one sequence each train exactly what one rank accumulating two does (fp32, gloo)
     assert dp2["loss_steps_compared"] == 3 and dp2["max_loss_diff"] < 1e-5
     assert "eff global" in proc.stdout and "zero2_dp2" in proc.stdout
+
+
+def test_summary_and_comparison_over_records_of_several_steps(bench):
+    """Records every 4 steps (and the first step's): the timed records are those after the warm-up."""
+    args = argparse.Namespace(warmup=4, steps=8)
+
+    def record(step, tokens, loss):
+        return {"step": step, "tokens_per_s": tokens, "step_time_s": 1.0, "mfu": None, "peak_mem_gib": 1.0,
+                "loss": loss}
+
+    base = bench.summary(bench.Run("zero2_1gpu_accum2", 1, 2, 2),
+                         [record(1, 1.0, 5.0), record(4, 2.0, 4.0), record(8, 100.0, 3.0), record(12, 120.0, 2.0),
+                          record(14, 1.0, 1.0)], args)  # step 14: a profiled step after the timed ones
+    assert base["tokens_per_s"] == 110.0 and base["loss"] == [5.0, 4.0, 3.0, 2.0]
+    run = bench.Run("zero2_dp2", 2, 2, 1)
+    row = bench.summary(run, [record(1, 1.0, 5.0), record(4, 2.0, 4.0), record(8, 180.0, 3.0), record(12, 200.0, 2.5)],
+                        args)
+    bench.compare(run, row, {"zero2_1gpu_accum2": base, "zero2_1gpu_accum1": dict(base, tokens_per_s=100.0)})
+    assert row["tokens_per_s_per_gpu"] == 95.0 and row["efficiency_same_global_batch"] == pytest.approx(95 / 110)
+    assert row["efficiency_same_per_gpu_batch"] == pytest.approx(0.95) and row["max_loss_diff"] == 0.5
