@@ -11,8 +11,8 @@ per micro-batch with activation checkpointing, on G GPUs laid out as the memory 
 parallel over as many of them as split the heads: sp = G where it can). A probe fits when the run finishes; it
 fails when any rank runs out of memory; a probe past ``--timeout`` counts as too slow to train (recorded apart);
 any other failure stops the search for that count and prints its output. The search starts at the memory
-model's prediction (after the first count measured, calibrated on it), steps by ``--grow`` until it brackets
-the limit, then bisects down to ``--granularity`` tokens. Results accumulate (per config and GPU count) in
+model's prediction, calibrated on the first limit of the config measured (in this invocation or an earlier one),
+steps by ``--grow`` until it brackets the limit, then bisects down to ``--granularity`` tokens. Results accumulate (per config and GPU count) in
 ``benchmarks/results/longest_context_<card>x<GPUs of the machine>.json``, so counts can be measured in separate
 invocations; the table prints measured against predicted, and the ``python -m bbm.train.memory`` line that
 calibrates the model on a measurement.
@@ -188,7 +188,9 @@ def measure(args, counts, gpu_gib: float, workdir: Path, out: Path, rows: list) 
                                           *args.overrides])  # as the probes train
         dims = dims_from_config(cfg)
         setup = setup_from_config(cfg, "max", gpu_gib)
-        scale = None
+        earlier = [r for r in rows if (r["config"], r.get("overrides")) == (config, args.overrides)
+                   and r["longest"] and r["first_failing"]]  # a limit bracketed in an earlier invocation
+        scale = calibrate(dims, earlier[0]["gpus"], earlier[0]["longest"], setup) if earlier else None
         for gpus in counts:
             dp, sp = layout(gpus, dims.n_heads, dims.kv_heads)
             predicted = max_context(dims, gpus, setup)["max_context"]

@@ -175,7 +175,7 @@ def compare(run: Run, row: dict, rows: dict):
         row["efficiency_same_global_batch"] = row["tokens_per_s_per_gpu"] / same_global["tokens_per_s"]
         pairs = list(zip(row["loss"], same_global["loss"]))
         row["max_loss_diff"] = max(abs(a - b) for a, b in pairs) if pairs else None
-        row["loss_steps_compared"] = len(pairs)
+        row["loss_records_compared"] = len(pairs)
     if same_per_gpu and "tokens_per_s" in same_per_gpu:
         row["efficiency_same_per_gpu_batch"] = row["tokens_per_s_per_gpu"] / same_per_gpu["tokens_per_s"]
 
@@ -214,7 +214,8 @@ def table(runs: List[Run], rows: dict, skipped) -> str:
     lines += [f"{name:<20} skipped: {why}" for name, why in skipped]
     lines.append("eff global: tokens/s per GPU over the one-GPU run with the same global batch (it accumulates the "
                  "G runs' micro-batches per step); eff per-GPU: over the one-GPU run with the same tokens per GPU per "
-                 "optimizer step (one micro-batch a step). Loss diff: against the same-global-batch run.")
+                 "optimizer step (one micro-batch a step). Loss diff: against the same-global-batch run, over the "
+                 "records of the warm-up and timed steps (loss_records_compared in the results).")
     return "\n".join(lines)
 
 
@@ -245,7 +246,8 @@ def main(argv=None):
                     help="steps per metrics record (and per loss compared); it must divide --warmup and --steps")
     ap.add_argument("--profile", action="store_true", help="profile 2 more steps on every rank (see above)")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per run")
-    ap.add_argument("--out", help="JSON path (default benchmarks/results/multi_gpu_<card>x<G>.json)")
+    ap.add_argument("--out", help="JSON path (default benchmarks/results/multi_gpu_<card>x<G>[_<tag>].json)")
+    ap.add_argument("--tag", help="suffix of the default JSON name, for a variant (e.g. no_overlap)")
     ap.add_argument("--keep", help="keep the run directories (metrics, profiles, traces) under this directory")
     ap.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
@@ -286,7 +288,8 @@ def main(argv=None):
           f"{env['deepspeed']}; {args.warmup} warm-up + {args.steps} timed steps, a record every {args.log_every}, "
           "medians over the timed records")
     print(table(runs, rows, skipped))
-    out = Path(args.out) if args.out else RESULTS / f"multi_gpu_{card_slug(args.device, counts)}.json"
+    name = "_".join(["multi_gpu", card_slug(args.device, counts)] + ([args.tag] if args.tag else []))
+    out = Path(args.out) if args.out else RESULTS / f"{name}.json"
     write_json(out, {"config": args.config, "overrides": args.overrides, "environment": env, "warmup": args.warmup,
                      "steps": args.steps, "log_every": args.log_every, "definitions": {
                          "efficiency_same_global_batch": "tokens/s per GPU over the one-GPU run that accumulates the "
