@@ -12,8 +12,8 @@ parallel over as many of them as split the heads: sp = G where it can). A probe 
 fails when any rank runs out of memory; a probe past ``--timeout`` counts as too slow to train (recorded apart);
 any other failure stops the search for that count and prints its output. The search starts at the memory
 model's prediction, calibrated on the first limit of the config measured (in this invocation or an earlier one),
-steps by ``--grow`` until it brackets the limit, then bisects down to ``--granularity`` tokens. Results accumulate (per config and GPU count) in
-``benchmarks/results/longest_context_<card>x<GPUs of the machine>.json``, so counts can be measured in separate
+steps by ``--grow`` until it brackets the limit, then bisects down to ``--granularity`` tokens. Results accumulate
+(per config and GPU count) in ``benchmarks/results/longest_context_<card>x<GPUs of the machine>.json``, so counts can be measured in separate
 invocations; the table prints measured against predicted, and the ``python -m bbm.train.memory`` line that
 calibrates the model on a measurement.
 """
@@ -110,8 +110,8 @@ class Prober:
         peak = max((r["peak_mem_gib"] for r in records), default=None)
         step_s = records[-1]["step_time_s"] if records else None
         self.measured[n] = {"outcome": outcome, "peak_mem_gib": peak, "step_time_s": step_s}
-        print(f"   {n:>10,} tokens: {outcome}" + (f", peak {peak:.1f} GiB, step {step_s:.1f} s" if outcome == FITS else ""),
-              flush=True)
+        fitted = f", peak {peak:.1f} GiB, step {step_s:.1f} s" if outcome == FITS else ""
+        print(f"   {n:>10,} tokens: {outcome}{fitted}", flush=True)
         if outcome == ERROR:
             print("\n".join(output.strip().splitlines()[-20:]), flush=True)
         return outcome
@@ -162,7 +162,8 @@ def main(argv=None):
     if args.grow <= 1:
         raise SystemExit(f"--grow: expected a factor above 1, got {args.grow}")
     counts = gpu_counts(args.gpus, args.device)
-    gpu_gib = args.gpu_gib or (torch.cuda.get_device_properties(0).total_memory / GIB if args.device == "cuda" else 80.0)
+    here_gib = torch.cuda.get_device_properties(0).total_memory / GIB if args.device == "cuda" else 80.0
+    gpu_gib = args.gpu_gib or here_gib
     here = torch.cuda.device_count() if args.device == "cuda" else max(counts)
     out = Path(args.out) if args.out else RESULTS / f"longest_context_{card_slug(args.device, [here])}.json"
     rows = load_rows(out)
@@ -174,7 +175,8 @@ def main(argv=None):
     for r in rows:
         if r["longest"] and r["first_failing"]:
             print(f"calibrate: python -m bbm.train.memory --config {r['config']} --sp max "
-                  f"deepspeed.activation_checkpointing=true --gpu-gib {r['gpu_gib']:.0f} --measured {r['gpus']}:{r['longest']}")
+                  f"deepspeed.activation_checkpointing=true --gpu-gib {r['gpu_gib']:.0f} "
+                  f"--measured {r['gpus']}:{r['longest']}")
     print(f"\nwritten {out}")
     return rows
 
@@ -213,7 +215,8 @@ def measure(args, counts, gpu_gib: float, workdir: Path, out: Path, rows: list) 
                    "max_seq": args.max_seq, "gpu_gib": gpu_gib}
             if probes[-1][1] == ERROR:
                 row["error"] = f"probe at {probes[-1][0]} tokens failed, not for memory (output above)"
-            rows[:] = [r for r in rows if (r["config"], r["gpus"], r.get("overrides")) != (config, gpus, args.overrides)]
+            key = (config, gpus, args.overrides)
+            rows[:] = [r for r in rows if (r["config"], r["gpus"], r.get("overrides")) != key]
             rows.append(row)
             if longest and failing and scale is None:  # a bracketed limit calibrates the next counts' start
                 scale = calibrate(dims, gpus, longest, setup)

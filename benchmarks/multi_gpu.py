@@ -148,7 +148,8 @@ def execute(run: Run, cmd: List[str], run_dir: Path, timeout: int) -> Optional[l
 
 def profile_heads(run_dir: Path, lines: int = 24) -> dict:
     """The head of each rank's profile table (the summary a GPU profile starts with), by rank file name."""
-    return {p.stem: "\n".join(p.read_text().splitlines()[:lines]) for p in sorted((run_dir / "profile").glob("ops_rank*.txt"))}
+    tables = sorted((run_dir / "profile").glob("ops_rank*.txt"))
+    return {p.stem: "\n".join(p.read_text().splitlines()[:lines]) for p in tables}
 
 
 def summary(run: Run, records, args) -> dict:

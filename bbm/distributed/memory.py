@@ -111,7 +111,8 @@ def model_state_bytes(dims: Dims, gpus: int, setup: Setup) -> float:
     a = 2 if setup.bf16 else 4
     p, stage = dims.params, setup.zero_stage
     optim = 12 + 4 if setup.bf16 else 8  # bf16: fp32 master + Adam m, v, and the fp32 gradient at the step
-    total = p * (a / (gpus if stage == 3 else 1) + a / (gpus if stage >= 2 else 1) + optim / (gpus if stage >= 1 else 1))
+    total = p * (a / (gpus if stage == 3 else 1) + a / (gpus if stage >= 2 else 1)
+                 + optim / (gpus if stage >= 1 else 1))
     if stage >= 1:
         total += a * setup.reduce_buffers * min(setup.reduce_bucket, p)
     if stage == 3:
