@@ -265,6 +265,8 @@ def main(argv=None):
     workdir = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bbm_multi_gpu_"))
     commands = {run.name: command(run, args, workdir / run.name, free_port()) for run in runs}
     if args.dry_run:
+        if not args.keep:
+            workdir.rmdir()
         for run in runs:
             print(" ".join(commands[run.name]))
         return {"runs": runs, "skipped": skipped, "commands": commands}
