@@ -39,29 +39,37 @@ OOM_MARKERS = ("OutOfMemoryError", "out of memory", "CUBLAS_STATUS_ALLOC_FAILED"
 FITS, OOM, TIMEOUT, ERROR = "fits", "out of memory", "timeout", "error"
 
 
-def search(probe: Callable[[int], str], start: int, granularity: int, upper: int, grow: float = 1.25):
+def search(probe: Callable[[int], str], start: int, granularity: int, upper: int, grow: float = 1.25, known=()):
     """The longest multiple of ``granularity`` up to ``upper`` for which ``probe(n)`` returns ``FITS``: from
-    ``start``, multiply (fits) or divide (does not) by ``grow`` until the limit is bracketed, then bisect. Returns
-    (longest fit or None, shortest failure or None, [(n, outcome)] in probe order); an ``ERROR`` outcome ends it."""
+    ``start``, multiply (fits) or divide (does not) by ``grow`` until the limit is bracketed, then bisect.
+    ``known``: (n, outcome) pairs of an interrupted search, which it continues from. Returns (longest fit or None,
+    shortest failure or None, [(n, outcome)] known and new, in probe order); an ``ERROR`` outcome ends it."""
     top = upper // granularity * granularity
 
     def down(x):
         return min(top, max(granularity, int(x) // granularity * granularity))
 
-    fit, fail, probes = None, None, []
-    n = down(start)
-    while True:
+    def grown(n):
+        return min(top, max(down(n * grow), n + granularity))
+
+    def shrunk(n):
+        return max(granularity, min(down(n / grow), n - granularity))
+
+    probes = [(n, outcome) for n, outcome in known if outcome != ERROR]
+    fit = max((n for n, outcome in probes if outcome == FITS), default=None)
+    fail = min((n for n, outcome in probes if outcome != FITS and (fit is None or n > fit)), default=None)
+    n = grown(fit) if fit is not None else shrunk(fail) if fail is not None else down(start)
+    while fit is None or fail is None:
+        if (fit is not None and n == fit) or (fail is not None and n == fail):
+            break  # at the top (fits) or at the granularity (does not)
         outcome = probe(n)
         probes.append((n, outcome))
         if outcome == ERROR:
             return fit, fail, probes
         if outcome == FITS:
-            fit, nxt = n, min(top, max(down(n * grow), n + granularity))
+            fit, n = n, grown(n)
         else:
-            fail, nxt = n, max(granularity, min(down(n / grow), n - granularity))
-        if (fit is not None and fail is not None) or nxt == n:
-            break
-        n = nxt
+            fail, n = n, shrunk(n)
     while fit is not None and fail is not None and fail - fit > granularity:
         n = max(fit + granularity, down((fit + fail) // 2))
         outcome = probe(n)
@@ -85,11 +93,13 @@ def classify(status: Optional[int], output: str) -> str:
 
 
 class Prober:
-    """Probes one config on ``gpus`` GPUs (dp x sp) and keeps what each probe measured, by sequence length."""
+    """Probes one config on ``gpus`` GPUs (dp x sp), keeps what each probe measured, by sequence length, and calls
+    ``on_probe()`` after each."""
 
-    def __init__(self, config: str, gpus: int, sp: int, args, workdir: Path):
+    def __init__(self, config: str, gpus: int, sp: int, args, workdir: Path, measured=None, on_probe=None):
         self.config, self.gpus, self.sp, self.args, self.workdir = config, gpus, sp, args, workdir
-        self.measured = {}
+        self.measured = dict(measured or {})
+        self.on_probe = on_probe
 
     def run_dir(self, n: int) -> Path:
         return self.workdir / f"{Path(self.config).stem}_g{self.gpus}_n{n}"
@@ -114,6 +124,8 @@ class Prober:
         print(f"   {n:>10,} tokens: {outcome}{fitted}", flush=True)
         if outcome == ERROR:
             print("\n".join(output.strip().splitlines()[-20:]), flush=True)
+        if self.on_probe is not None:
+            self.on_probe()
         return outcome
 
 
@@ -131,7 +143,8 @@ def format_table(rows) -> str:
     for r in rows:
         def k(x):
             return "-" if x is None else f"{x:,} ({x // 1024}k)"
-        lines.append(f"| {Path(r['config']).stem} | {r['gpus']} | {r['dp']} x {r['sp']} | {k(r['predicted'])} | "
+        name = Path(r["config"]).stem + ("" if r.get("complete") else " (unfinished)")
+        lines.append(f"| {name} | {r['gpus']} | {r['dp']} x {r['sp']} | {k(r['predicted'])} | "
                      f"{k(r.get('predicted_calibrated'))} | {'' if r['first_failing'] else '>= '}{k(r['longest'])} | "
                      f"{k(r['first_failing'])} "
                      f"{'(' + r['failure'] + ')' if r['failure'] else ''} | "
@@ -153,6 +166,7 @@ def main(argv=None):
     ap.add_argument("--gpu-gib", type=float, help="GPU memory for the prediction (default: this GPU's)")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per probe")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/longest_context_<card>x<GPUs>.json)")
+    ap.add_argument("--redo", action="store_true", help="measure counts the results file has finished again")
     ap.add_argument("--dry-run", action="store_true", help="print the first probe's command per count and exit")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides for every probe")
     args = ap.parse_args(argv)
@@ -182,46 +196,67 @@ def main(argv=None):
 
 
 def measure(args, counts, gpu_gib: float, workdir: Path, out: Path, rows: list) -> list:
-    """Searches every config on every count (``rows`` updated, the file rewritten after each); with --dry-run only
-    prints the first probe's command of each and returns the (config, gpus, dp, sp, prober) plans."""
+    """Searches every config on every count; ``rows`` and the file are updated after every probe (a count left
+    unfinished continues from its probes on the next invocation; a finished one is skipped unless --redo). With
+    --dry-run only prints the first probe's command of each and returns the (config, gpus, dp, sp, prober) plans."""
     plans = []
+    env = environment(torch.device(args.device))
     for config in args.configs.split(","):
         cfg = load_config(REPO / config, ["deepspeed.activation_checkpointing=true", "run.micro_batch_size=1",
                                           *args.overrides])  # as the probes train
         dims = dims_from_config(cfg)
         setup = setup_from_config(cfg, "max", gpu_gib)
-        earlier = [r for r in rows if (r["config"], r.get("overrides")) == (config, args.overrides)
-                   and r["longest"] and r["first_failing"]]  # a limit bracketed in an earlier invocation
-        scale = calibrate(dims, earlier[0]["gpus"], earlier[0]["longest"], setup) if earlier else None
         for gpus in counts:
+            key = (config, gpus, args.overrides)
+            earlier = next((r for r in rows if (r["config"], r["gpus"], r.get("overrides")) == key), None)
+            if earlier is not None and earlier.get("complete") and not args.redo:
+                print(f"== {config}: {gpus} GPU(s) measured earlier, in {out} (--redo measures it again)")
+                continue
+            bracketed = [r for r in rows if (r["config"], r.get("overrides")) == (config, args.overrides)
+                         and r["longest"] and r["first_failing"]]  # calibrates the start
+            scale = calibrate(dims, bracketed[0]["gpus"], bracketed[0]["longest"], setup) if bracketed else None
             dp, sp = layout(gpus, dims.n_heads, dims.kv_heads)
             predicted = max_context(dims, gpus, setup)["max_context"]
             calibrated = max_context(dims, gpus, setup, scale)["max_context"] if scale else None
-            prober = Prober(config, gpus, sp, args, workdir)
+            known = [] if earlier is None or args.redo else earlier["probes"]
+            row = {"config": config, "overrides": args.overrides, "gpus": gpus, "dp": dp, "sp": sp,
+                   "predicted": predicted, "predicted_calibrated": calibrated, "granularity": args.granularity,
+                   "max_seq": args.max_seq, "gpu_gib": gpu_gib}
+            prober = Prober(config, gpus, sp, args, workdir, {p["n"]: p for p in known},
+                            on_probe=lambda: record(row, prober, rows, out, env))
             start = args.start or calibrated or predicted
             if args.dry_run:
                 print(" ".join(prober.command(max(args.granularity, start // args.granularity * args.granularity))))
                 plans.append((config, gpus, dp, sp, prober))
                 continue
             print(f"== {config}: {gpus} GPU(s) (dp {dp} x sp {sp}), predicted {predicted:,} tokens"
-                  + (f", calibrated {calibrated:,}" if calibrated else ""), flush=True)
-            longest, failing, probes = search(prober, start, args.granularity, args.max_seq, args.grow)
-            at_fit = prober.measured.get(longest, {})
-            row = {"config": config, "overrides": args.overrides, "gpus": gpus, "dp": dp, "sp": sp,
-                   "predicted": predicted, "predicted_calibrated": calibrated, "longest": longest,
-                   "first_failing": failing, "failure": prober.measured[failing]["outcome"] if failing else None,
-                   "peak_mem_gib": at_fit.get("peak_mem_gib"), "step_time_s": at_fit.get("step_time_s"),
-                   "probes": [dict(n=n, **prober.measured[n]) for n, _ in probes], "granularity": args.granularity,
-                   "max_seq": args.max_seq, "gpu_gib": gpu_gib}
-            if probes[-1][1] == ERROR:
-                row["error"] = f"probe at {probes[-1][0]} tokens failed, not for memory (output above)"
-            key = (config, gpus, args.overrides)
-            rows[:] = [r for r in rows if (r["config"], r["gpus"], r.get("overrides")) != key]
-            rows.append(row)
-            if longest and failing and scale is None:  # a bracketed limit calibrates the next counts' start
-                scale = calibrate(dims, gpus, longest, setup)
-            write_json(out, {"environment": environment(torch.device(args.device)), "rows": rows})
+                  + (f", calibrated {calibrated:,}" if calibrated else "")
+                  + (f", continuing from {len(known)} probes" if known else ""), flush=True)
+            longest, failing, probes = search(prober, start, args.granularity, args.max_seq, args.grow,
+                                              [(p["n"], p["outcome"]) for p in known])
+            record(row, prober, rows, out, env, longest, failing, probes)
     return plans
+
+
+def record(row: dict, prober: Prober, rows: list, out: Path, env: dict, longest=None, failing=None, probes=None):
+    """Puts ``row`` in ``rows`` (replacing its config and count) and rewrites the results: after a probe with what
+    the search has so far (``complete`` false), at its end with the limit."""
+    done = probes is not None
+    if not done:
+        fits = [n for n, m in prober.measured.items() if m["outcome"] == FITS]
+        longest = max(fits, default=None)
+        failing = min((n for n, m in prober.measured.items() if m["outcome"] in (OOM, TIMEOUT)
+                       and (longest is None or n > longest)), default=None)
+    at_fit = prober.measured.get(longest, {})
+    row.update(longest=longest, first_failing=failing,
+               failure=prober.measured[failing]["outcome"] if failing else None,
+               peak_mem_gib=at_fit.get("peak_mem_gib"), step_time_s=at_fit.get("step_time_s"),
+               probes=[dict(m, n=n) for n, m in prober.measured.items()], complete=done)
+    if done and probes and probes[-1][1] == ERROR:
+        row.update(complete=False, error=f"probe at {probes[-1][0]} tokens failed, not for memory (output above)")
+    key = (row["config"], row["gpus"], row["overrides"])
+    rows[:] = [r for r in rows if (r["config"], r["gpus"], r.get("overrides")) != key] + [row]
+    write_json(out, {"environment": env, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -39,6 +39,17 @@ def test_search_finds_the_limit(bench, limit, start):
     assert all(n % 16384 == 0 and 16384 <= n <= 4_194_304 for n in calls) and len(calls) <= 16
 
 
+def test_interrupted_search_continues_from_its_probes(bench):
+    calls = []
+    whole = bench.search(limit_probe(bench, 700_000, calls), 884_736, 16384, upper=4_194_304)
+    for cut in range(1, len(whole[2])):
+        again = []
+        resumed = bench.search(limit_probe(bench, 700_000, again), 884_736, 16384, upper=4_194_304,
+                               known=whole[2][:cut])
+        assert resumed[:2] == whole[:2] and not set(again) & {n for n, _ in whole[2][:cut]}
+        assert len(again) <= len(whole[2]) - cut + 1
+
+
 def test_search_when_nothing_fits_or_a_probe_errs(bench):
     fit, fail, probes = bench.search(lambda n: bench.OOM, 100_000, 1024, upper=1 << 20, grow=2.0)
     assert fit is None and fail == 1024 and probes[-1] == (1024, bench.OOM)
@@ -67,16 +78,18 @@ def test_plan_per_gpu_count(bench, capsys):
         assert ("deepspeed.launcher.runner --num_gpus " + str(gpus)) in line if gpus > 1 else " train.py " in line
 
 
-def test_one_probe_on_cpu(tmp_path):
+def test_one_probe_on_cpu(bench, tmp_path, capsys):
     out = tmp_path / "longest.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "benchmarks/longest_context.py", "--device", "cpu", "--gpus", "1",
-                           "--configs", "configs/tiny_cpu.yaml", "--granularity", "128", "--max-seq", "256",
-                           "--steps", "1", "--out", str(out), "model.dim=64", "model.n_layers=2", "model.n_heads=4",
-                           "model.n_kv_heads=2", "data.max_documents=40", f"data.cache_dir={tmp_path / 'data'}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    args = ["--device", "cpu", "--gpus", "1", "--configs", "configs/tiny_cpu.yaml", "--granularity", "128",
+            "--max-seq", "256", "--steps", "1", "--out", str(out), "model.dim=64", "model.n_layers=2",
+            "model.n_heads=4", "model.n_kv_heads=2", "data.max_documents=40", f"data.cache_dir={tmp_path / 'data'}"]
+    proc = subprocess.run([sys.executable, "benchmarks/longest_context.py", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (row,) = json.loads(out.read_text())["rows"]
     assert (row["gpus"], row["dp"], row["sp"], row["longest"], row["first_failing"]) == (1, 1, 1, 256, None)
     assert row["predicted"] > 256 and row["probes"][0]["outcome"] == "fits" and row["peak_mem_gib"] > 0
-    assert ">= 256" in proc.stdout
+    assert ">= 256" in proc.stdout and row["complete"]
+    (again,) = bench.main(args)  # the count is in the results: nothing runs
+    assert again == row and "measured earlier" in capsys.readouterr().out
