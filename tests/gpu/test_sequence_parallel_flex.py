@@ -8,8 +8,6 @@ heads), so the rank threads only run compiled code. Run on a GPU machine with
 ``TRITON_INTERPRET=0 python3 -m pytest tests/gpu/test_sequence_parallel_flex.py``."""
 import copy
 import os
-import threading
-import traceback
 
 import pytest
 import torch
@@ -18,41 +16,12 @@ import torch.distributed as dist
 from bbm.distributed import ParallelGroups, UlyssesAttention, sequence_parallel_loss, shard_batch
 from bbm.model import Decoder, ModelConfig, attend, build_mask
 from bbm.testing import dense_attention, document_positions, random_doc_ids
+from helpers.ranks import run_threads
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
                                 reason="needs a CUDA GPU and TRITON_INTERPRET=0 (compiled FlexAttention)")
-threaded = pytest.importorskip("torch.testing._internal.distributed.multi_threaded_pg")
+pytest.importorskip("torch.testing._internal.distributed.multi_threaded_pg")
 DEVICE = "cuda"
-
-
-def run_ranks(fn, world_size: int):
-    """``fn(rank, world_size)`` on ``world_size`` threads, each a rank of a threaded process group; the first
-    failure re-raises here."""
-    threaded._install_threaded_pg()
-    torch._C._distributed_c10d._set_thread_isolation_mode(True)
-    store, errors = dist.HashStore(), []
-
-    def rank_main(rank):
-        dist.init_process_group("threaded", rank=rank, world_size=world_size, store=store)
-        try:
-            fn(rank, world_size)
-        except BaseException:
-            errors.append(f"rank {rank}: {traceback.format_exc()}")
-            threaded.ProcessLocalGroup.exception_handle(RuntimeError("a rank failed"))  # wakes the others
-        finally:
-            dist.destroy_process_group()
-
-    try:
-        threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world_size)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=300)
-    finally:
-        torch._C._distributed_c10d._set_thread_isolation_mode(False)
-        threaded._uninstall_threaded_pg()
-    assert not errors, errors[0]
-    assert not any(t.is_alive() for t in threads), "a rank did not finish"
 
 
 def warm_flex(b, h, hkv, n, d, dtype, mask):
@@ -69,11 +38,11 @@ def test_ulysses_flex_forward_backward(sp, hq, hkv, dtype):
     q, k, v = (torch.randn(b, h, n, d, generator=gen).to(DEVICE, dtype) for h in (hq, hkv, hkv))
     grad_out = torch.randn(b, hq, n, d, generator=gen).to(DEVICE, dtype)
     doc_ids = random_doc_ids(b, n, 6, generator=gen)
-    flex = build_mask(doc_ids.to(DEVICE), "flex")
+    flex = build_mask(doc_ids.to(DEVICE), "flex").layer(0)
     full = [t.clone().requires_grad_() for t in (q, k, v)]
     want = attend(*full, flex)
     want_grads = torch.autograd.grad(want, full, grad_out)
-    dense = dense_attention(q, k, v, build_mask(doc_ids, "bbm").mask.to_dense().to(DEVICE)).to(dtype)
+    dense = dense_attention(q, k, v, build_mask(doc_ids, "bbm").layer(0).mask.to_dense().to(DEVICE)).to(dtype)
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=2e-4, atol=2e-4)
     torch.testing.assert_close(want, dense, **tol)
     warm_flex(b, hq // sp, max(1, hkv // sp), n, d, dtype, flex)  # kv heads: split, or one replicated head each
@@ -87,7 +56,7 @@ def test_ulysses_flex_forward_backward(sp, hq, hkv, dtype):
         for name, g, w in zip("qkv", grads, want_grads):
             torch.testing.assert_close(g, w[:, :, shard], **tol, msg=lambda m: f"rank {rank} d{name}: {m}")
 
-    run_ranks(rank_checks, sp)
+    run_threads(rank_checks, sp)
 
 
 def test_flex_decoder_loss_and_gradients_sp2_equal_sp1():
@@ -119,7 +88,7 @@ def test_flex_decoder_loss_and_gradients_sp2_equal_sp1():
         loss = sequence_parallel_loss(loss, shard["labels"], groups.sp_group)
         results[rank] = (loss.detach(), torch.autograd.grad(loss, list(sp_model.parameters())))
 
-    run_ranks(rank_step, 2)
+    run_threads(rank_step, 2)
     torch.testing.assert_close(results[0][0] + results[1][0], want.detach(), rtol=1e-5, atol=1e-5)
     for (name, _), g0, g1, w in zip(model.named_parameters(), results[0][1], results[1][1], want_grads):
         torch.testing.assert_close(g0 + g1, w, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")

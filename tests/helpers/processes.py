@@ -1,3 +1,4 @@
+"""Helpers of tests that run child processes: the repository root, a child run with one thread, benchmark scripts."""
 import os
 import subprocess
 import sys
@@ -17,3 +18,13 @@ def run_child(args, timeout=300, check=True):
 
 def python(*args):
     return [sys.executable, *map(str, args)]
+
+
+def benchmark_module(name: str):
+    """A script of benchmarks/ imported as a module (its siblings importable as it imports them)."""
+    import importlib
+
+    folder = str(REPO / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)

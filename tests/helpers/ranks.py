@@ -1,6 +1,9 @@
-"""Run a function in N local processes joined by a gloo process group (CPU tests of sequence parallelism)."""
+"""Run a function as N ranks: local processes joined by a gloo process group (``run``), or threads of this process
+joined by torch's threaded process group (``run_threads``: ranks that share a compiled function or a GPU)."""
 import os
 import tempfile
+import threading
+import traceback
 from datetime import timedelta
 
 import torch
@@ -26,3 +29,35 @@ def _entry(rank, fn, world_size, store, args):
         fn(rank, world_size, *args)
     finally:
         dist.destroy_process_group()
+
+
+def run_threads(fn, world_size: int):
+    """``fn(rank, world_size)`` on ``world_size`` threads, each a rank of a threaded process group; the first
+    failure re-raises here."""
+    from torch.testing._internal.distributed import multi_threaded_pg as threaded
+
+    threaded._install_threaded_pg()
+    torch._C._distributed_c10d._set_thread_isolation_mode(True)
+    store, errors = dist.HashStore(), []
+
+    def rank_main(rank):
+        dist.init_process_group("threaded", rank=rank, world_size=world_size, store=store)
+        try:
+            fn(rank, world_size)
+        except BaseException:
+            errors.append(f"rank {rank}: {traceback.format_exc()}")
+            threaded.ProcessLocalGroup.exception_handle(RuntimeError("a rank failed"))  # wakes the others
+        finally:
+            dist.destroy_process_group()
+
+    try:
+        threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world_size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        torch._C._distributed_c10d._set_thread_isolation_mode(False)
+        threaded._uninstall_threaded_pg()
+    assert not errors, errors[0]
+    assert not any(t.is_alive() for t in threads), "a rank did not finish"

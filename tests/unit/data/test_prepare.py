@@ -4,7 +4,7 @@ import multiprocessing as mp
 import os
 import runpy
 import sys
-from pathlib import Path
+
 
 import numpy as np
 import pytest

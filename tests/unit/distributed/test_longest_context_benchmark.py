@@ -1,6 +1,5 @@
 """benchmarks/longest_context.py: the search (against a probe with a known limit), the outcome of a probe from its
 exit, the plan per GPU count (sequence parallel over the GPUs that split the heads), and one real probe on CPU."""
-import importlib
 import json
 import os
 import subprocess
@@ -9,16 +8,13 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[3]
+from helpers.processes import REPO, benchmark_module
+
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        yield importlib.import_module("longest_context")
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    return benchmark_module("longest_context")
 
 
 def limit_probe(bench, limit, calls):

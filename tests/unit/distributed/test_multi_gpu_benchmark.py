@@ -2,27 +2,22 @@
 on CPU ranks over gloo at a tiny scale (one-GPU baselines, two ranks data parallel) that writes both efficiencies
 and the loss comparison."""
 import argparse
-import importlib
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[3]
+from helpers.processes import REPO, benchmark_module
+
 TINY = ["--config", "configs/tiny_cpu.yaml", "run.seq_len=128", "run.micro_batch_size=1", "model.dim=64",
         "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "data.max_documents=40"]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        yield importlib.import_module("multi_gpu")
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    return benchmark_module("multi_gpu")
 
 
 def test_plan_for_eight_gpus(bench, capsys):

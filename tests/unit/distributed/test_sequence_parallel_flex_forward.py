@@ -3,8 +3,6 @@ test tests/gpu/test_sequence_parallel_flex.py covers the backward): sp ranks are
 by torch's threaded process group, so the all-to-alls are real ``torch.distributed`` calls. Ulysses with the flex
 mask of the whole sequence gives each rank its shard of flex attention on the whole sequence (and of bbm's), and
 a flex decoder's loss summed over the ranks is the unsharded loss."""
-import threading
-import traceback
 
 import pytest
 import torch
@@ -13,39 +11,7 @@ import torch.distributed as dist
 from bbm.distributed import ParallelGroups, UlyssesAttention, sequence_parallel_loss, shard_batch
 from bbm.model import Decoder, ModelConfig, attend, build_mask
 from bbm.testing import document_positions, random_doc_ids
-
-threaded = pytest.importorskip("torch.testing._internal.distributed.multi_threaded_pg")
-
-
-def run_ranks(fn, world_size: int):
-    """``fn(rank, world_size)`` on ``world_size`` threads, each a rank of a threaded process group; the first
-    failure re-raises here."""
-    threaded._install_threaded_pg()
-    torch._C._distributed_c10d._set_thread_isolation_mode(True)
-    store, errors = dist.HashStore(), []
-
-    def rank_main(rank):
-        dist.init_process_group("threaded", rank=rank, world_size=world_size, store=store)
-        try:
-            fn(rank, world_size)
-        except BaseException:
-            errors.append(f"rank {rank}: {traceback.format_exc()}")
-            threaded.ProcessLocalGroup.exception_handle(RuntimeError("a rank failed"))  # wakes the others
-        finally:
-            dist.destroy_process_group()
-
-    try:
-        threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world_size)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-    finally:
-        torch._C._distributed_c10d._set_thread_isolation_mode(False)
-        threaded._uninstall_threaded_pg()
-    assert not errors, errors[0]
-    assert not any(t.is_alive() for t in threads), "a rank did not finish"
-
+from helpers.ranks import run_threads
 
 @pytest.mark.parametrize("sp,hq,hkv", [(2, 4, 2), (4, 4, 2), (2, 6, 1)])  # kv heads split, or replicated
 def test_ulysses_flex_forward_equals_whole_sequence(sp, hq, hkv):
@@ -53,16 +19,16 @@ def test_ulysses_flex_forward_equals_whole_sequence(sp, hq, hkv):
     b, n, d = 2, 64, 16
     q, k, v = (torch.randn(b, h, n, d, generator=gen) for h in (hq, hkv, hkv))
     doc_ids = random_doc_ids(b, n, 5, generator=gen)
-    flex = build_mask(doc_ids, "flex")  # the whole sequence's mask, as every rank builds it
+    flex = build_mask(doc_ids, "flex").layer(0)  # the whole sequence's mask, as every rank builds it
     want = attend(q, k, v, flex)
-    torch.testing.assert_close(want, attend(q, k, v, build_mask(doc_ids, "bbm")), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(want, attend(q, k, v, build_mask(doc_ids, "bbm").layer(0)), rtol=1e-5, atol=1e-5)
 
     def rank_checks(rank, world):
         shard = slice(rank * n // world, (rank + 1) * n // world)
         got = UlyssesAttention(dist.group.WORLD, attend)(q[:, :, shard], k[:, :, shard], v[:, :, shard], flex)
         torch.testing.assert_close(got, want[:, :, shard], rtol=1e-6, atol=1e-6)
 
-    run_ranks(rank_checks, sp)
+    run_threads(rank_checks, sp)
 
 
 def test_flex_decoder_loss_under_sequence_parallelism():
@@ -91,5 +57,5 @@ def test_flex_decoder_loss_under_sequence_parallelism():
             loss = sp_model(shard["tokens"], shard["position_ids"], mask, shard["labels"])
             losses[rank] = sequence_parallel_loss(loss, shard["labels"], groups.sp_group)
 
-    run_ranks(rank_loss, 2)
+    run_threads(rank_loss, 2)
     torch.testing.assert_close(losses[0] + losses[1], want, rtol=1e-5, atol=1e-6)

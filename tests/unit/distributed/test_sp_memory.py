@@ -2,7 +2,6 @@
 solution of the budget equation, calibration, and the CLI on real configs (``bbm.train.memory``), which takes
 the ZeRO stage, precision, checkpointing, micro-batch, sequence-parallel size and buckets from the config."""
 import ast
-from pathlib import Path
 
 import pytest
 
@@ -11,8 +10,8 @@ from bbm.distributed.memory import (GIB, ROUND, Dims, Setup, activation_bytes_pe
 from bbm.model import Decoder, ModelConfig
 from bbm.train.config import load_config
 from bbm.train.memory import main, setup_from_config
+from helpers.processes import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 
 DIMS_1B = Dims(vocab=32000, dim=2048, n_layers=20, n_heads=16, kv_heads=4, ffn=5632)
 

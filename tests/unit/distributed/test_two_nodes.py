@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from bbm.train.env import free_port, set_rank_variables
+from helpers.processes import REPO
 
-REPO = Path(__file__).resolve().parents[3]
 TINY = ["--config", "configs/tiny_cpu.yaml", "run.seq_len=128", "run.micro_batch_size=1", "run.max_steps=3",
         "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "data.max_documents=40",
         "optimizer.lr=1e-2", "schedule.warmup_steps=0", "metrics.log_every=1", "metrics.gain_every=0",
