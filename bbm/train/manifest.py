@@ -3,7 +3,8 @@ and sha256. A save writes it last, before the directory is renamed into place; a
 if every listed file is there with its size and hash and no other file is.
 
 Hashing is shared out over the ranks (rank r hashes files r, r + world, ...; the directory is on a filesystem
-that every rank sees) and gathered, so a save or a check costs each rank 1/world of the reading."""
+that every rank sees) and gathered, so a save or a check costs each rank 1/world of the reading. Rank 0 alone
+lists the directory (another host's view of a fresh directory may lag) and the others open files by name."""
 import hashlib
 import json
 import os
@@ -50,15 +51,28 @@ def _my_share(names: list) -> list:
     return names[dist.get_rank()::dist.get_world_size()]
 
 
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _listed_by_rank0(directory: Path) -> list:
+    """Rank 0's ``files_under(directory)``, on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return files_under(directory)
+    names = [files_under(directory) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(names, src=0)
+    return names[0]
+
+
 def write(directory: Path, **info) -> dict:
     """Collective: hashes every file under ``directory``; rank 0 writes and flushes the manifest (with ``info``,
     e.g. the step) into it. Returns the manifest."""
     directory = Path(directory)
-    names = files_under(directory)
+    names = _listed_by_rank0(directory)
     files = _gathered({n: {"size": (directory / n).stat().st_size, "sha256": sha256_file(directory / n)}
                        for n in _my_share(names)})
     manifest = {"format": FORMAT, **info, "files": {n: files[n] for n in names}}
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if _rank() == 0:
         with open(directory / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=1)
             f.flush()
@@ -93,30 +107,28 @@ def problem(directory: Path) -> Optional[str]:
     return next((reasons[r] for r in sorted(reasons) if reasons[r] is not None), None)
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def _local_problem(directory: Path) -> Optional[str]:
-    """This rank's finding: the manifest, the file list and sizes, and this rank's share of the hashes."""
+    """This rank's finding: on rank 0 the manifest against the directory's files and sizes, on every rank its
+    share of the hashes."""
     try:
         listed = read(directory)["files"]
     except ValueError as e:
         return str(e)
-    present = files_under(directory)
-    missing = sorted(set(listed) - set(present))
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        return f"{directory / missing[0]}: listed in the manifest, missing{more}"
-    extra = sorted(set(present) - set(listed))
-    if extra:
-        return f"{directory / extra[0]}: not in the manifest (a file added after the save)"
     try:
-        for name in present:
-            size = (directory / name).stat().st_size
-            if size != listed[name]["size"]:
-                return f"{directory / name}: {size} bytes, the manifest says {listed[name]['size']}"
-        for name in _my_share(present):
+        if _rank() == 0:
+            present = files_under(directory)
+            missing = sorted(set(listed) - set(present))
+            if missing:
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                return f"{directory / missing[0]}: listed in the manifest, missing{more}"
+            extra = sorted(set(present) - set(listed))
+            if extra:
+                return f"{directory / extra[0]}: not in the manifest (a file added after the save)"
+            for name in present:
+                size = (directory / name).stat().st_size
+                if size != listed[name]["size"]:
+                    return f"{directory / name}: {size} bytes, the manifest says {listed[name]['size']}"
+        for name in _my_share(sorted(listed)):
             if sha256_file(directory / name) != listed[name]["sha256"]:
                 return f"{directory / name}: sha256 differs from the manifest's (the file changed after the save)"
     except OSError as e:

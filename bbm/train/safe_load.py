@@ -1,9 +1,9 @@
 """Checkpoint files loaded without running code: ``torch.load(..., weights_only=True)`` for bbm's own files and,
-through a replacement of DeepSpeed's checkpoint engine, for DeepSpeed's model and optimizer states.
+through a wrapper around DeepSpeed's checkpoint engine, for DeepSpeed's model and optimizer states.
 
-weights_only unpickles tensors and plain data (dicts, lists, tuples, numbers, strings) and the classes named in
-``DEEPSPEED_TYPES``: plain DeepSpeed records found in its ZeRO 0-3 files (an enum, a loss-scale holder without
-code, a dataclass of two ints), rebuilt from their saved fields without calling any of their code. Anything else
+weights_only unpickles tensors and plain data (dicts, lists, tuples, numbers, strings) and the classes that
+``deepspeed_types()`` names: plain DeepSpeed records found in its ZeRO 0-3 files (an enum, the loss-scale
+holder, a dataclass of two ints), rebuilt from their saved fields without calling any of their methods. Anything else
 in a file (a pickled object whose ``__reduce__`` would run a command, say) fails the load with an error that
 names the file and the refused name."""
 import pickle
