@@ -8,8 +8,9 @@
 # SIGTERM, SIGINT or SIGHUP to this script is sent as SIGTERM to the launcher's process group; DeepSpeed's
 # launcher passes it on to every host's ranks, which save a checkpoint at the next step boundary and exit.
 # DeepSpeed's per-host launcher kills ranks that are still running 30 s after it passed the signal on (a save
-# cut short that way leaves the previous checkpoint intact). Exit code: the launcher's, or after a forwarded
-# signal 128 + its number (143 SIGTERM, 130 SIGINT).
+# cut short that way leaves the previous checkpoint intact). The script returns once this host's launcher
+# processes and ranks are gone (other hosts' ranks may still be saving). Exit code: the launcher's, or after a
+# forwarded signal 128 + its number (143 SIGTERM, 130 SIGINT).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${1:?usage: launch/multi_node.sh CONFIG.yaml [key=value ...]}
@@ -35,6 +36,9 @@ while :; do
     status=0
     wait "$launcher" || status=$?
     kill -0 "$launcher" 2>/dev/null || break  # else the wait was cut short by a forwarded signal
+done
+while kill -0 -- "-$launcher" 2>/dev/null; do  # this host's launcher processes and ranks, still saving
+    sleep 0.5 & wait $! || true
 done
 if ((stopped_by)); then
     status=$stopped_by
