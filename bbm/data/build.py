@@ -1,7 +1,9 @@
 """Preparation: tokenise a source once into a dataset directory (see ``bbm.data.dataset``) with several
 processes and a progress bar. The directory is written under a temporary name and renamed at the end, so a
 crash never leaves a dataset that looks complete; an exception removes the temporary directory, and the next
-``prepare`` removes the ones left by processes that died on this host."""
+``prepare`` removes the ones left by processes that died on this host. A dataset directory without meta.json
+(damaged: a complete one always has it) is removed and prepared again; an existing dataset is verified
+(``bbm.data.dataset``) before it is used."""
 import hashlib
 import itertools
 import json
@@ -9,6 +11,7 @@ import multiprocessing as mp
 import os
 import shutil
 import socket
+import sys
 from collections import deque
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from tqdm.auto import tqdm
 
 from bbm._checks import fail
 from bbm.data.config import DataConfig
-from bbm.data.dataset import FORMAT, META, TOKENS, finish_dataset
+from bbm.data.dataset import FORMAT, META, TOKENS, finish_dataset, read_meta, verify_files
 from bbm.data.sources import iter_documents, list_files
 from bbm.data.tokenizer import load_tokenizer, token_dtype
 
@@ -42,9 +45,11 @@ def prepare(cfg: DataConfig, *, progress: bool = True) -> Path:
     cache = Path(cfg.cache_dir)
     final = cache / f"{cfg.source}-{tok.kind}-{key[:16]}"
     if (final / META).is_file():
+        verify_files(final, read_meta(final))
         return final
     cache.mkdir(parents=True, exist_ok=True)
     _remove_stale(cache, final.name)
+    _remove_damaged(final)
     tmp = cache / f".{final.name}.tmp.{socket.gethostname()}.{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -52,10 +57,10 @@ def prepare(cfg: DataConfig, *, progress: bool = True) -> Path:
         meta = {"format": FORMAT, "key": key, "source": source, "tokenizer": tok.describe(), "dtype": dtype.name}
         _write(tmp, meta, cfg, files, dtype, progress)
         os.rename(tmp, final)
-    except OSError:
+    except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if not (final / META).is_file():   # not the loss of a race against another preparer
-            raise
+            raise OSError(e.errno, f"{final}: could not write the prepared dataset ({e.strerror})") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -135,6 +140,26 @@ def _remove_stale(cache: Path, name: str):
         pid = tmp.name[len(prefix):]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_damaged(final: Path):
+    """Removes a dataset directory that has no meta.json (it lost it: a complete one always has it), so that a
+    new one can be renamed into its place."""
+    if not final.is_dir() or (final / META).is_file():
+        return
+    aside = final.with_name(f".{final.name}.damaged.{socket.gethostname()}.{os.getpid()}")
+    try:
+        os.rename(final, aside)
+    except FileNotFoundError:   # another preparer removed it first
+        return
+    if (aside / META).is_file():   # another preparer completed it meanwhile: put it back
+        try:
+            os.rename(aside, final)
+        except OSError:
+            shutil.rmtree(aside, ignore_errors=True)
+        return
+    print(f"prepare: {final} had no {META} (damaged); preparing it again", file=sys.stderr, flush=True)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

@@ -2,41 +2,129 @@
 
     tokens.bin    every document's ids, end-of-document token included, back to back (dtype in meta.json)
     offsets.npy   int64 (num_documents + 1): document d is tokens[offsets[d]:offsets[d + 1]]
-    meta.json     format, key, source, tokenizer (kind, vocab_size, eod_id, pad_id, ...), dtype, counts
+    meta.json     format, key, source, tokenizer (kind, vocab_size, eod_id, pad_id, ...), dtype, counts, and
+                  each data file's size and sha256
+    verified.json (written on first use) the size, mtime and sha256 of each data file when it was last verified
 
 meta.json is written last and the directory is renamed into place after it, so a directory with a
-meta.json is complete."""
+meta.json is complete.
+
+Opening a dataset checks meta.json, and each data file's size against it (and tokens.bin's against the token
+count and dtype), every time; it checks each file's sha256 on first use, and again whenever the file's size or
+mtime differ from those recorded in verified.json (a file modified in the last ``RECENT_S`` seconds is not
+recorded: a change within the filesystem's timestamp resolution could otherwise pass unseen). Any mismatch is
+an error naming the file."""
 import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 
 from bbm._checks import fail
-from bbm._files import temp_path
+from bbm._files import temp_path, write_atomic
 
-FORMAT = "bbm-tokens-v1"
-TOKENS, OFFSETS, META = "tokens.bin", "offsets.npy", "meta.json"
+FORMAT = "bbm-tokens-v2"
+TOKENS, OFFSETS, META, VERIFIED = "tokens.bin", "offsets.npy", "meta.json", "verified.json"
+DATA_FILES = (TOKENS, OFFSETS)
+META_KEYS = ("format", "key", "dtype", "tokenizer", "num_tokens", "num_documents", "files")
+CHUNK = 1 << 22
+RECENT_S = 2
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _again(path: Path) -> str:
+    return f"; delete {path} to prepare it again"
+
+
+def read_meta(path: Path) -> dict:
+    """meta.json of the dataset directory ``path``, checked for the keys and types the dataset needs."""
+    file = path / META
+    if not file.is_file():
+        fail("dataset_dir", f"a prepared dataset directory (with {META})", f"{str(path)!r} (no {file})")
+    try:
+        meta = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        fail(str(file), "the JSON description of a prepared dataset", f"{type(e).__name__}: {e}{_again(path)}")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        given = repr(meta.get("format")) if isinstance(meta, dict) else type(meta).__name__
+        fail(str(file), f"format {FORMAT!r}", f"{given}{_again(path)}")
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        fail(str(file), f"the keys {list(META_KEYS)}", f"no {missing}{_again(path)}")
+    try:
+        np.dtype(meta["dtype"])
+    except TypeError:
+        fail(str(file), "a numpy dtype name in 'dtype'", f"{meta['dtype']!r}{_again(path)}")
+    files = meta["files"]
+    if not (isinstance(files, dict) and all(isinstance(files.get(n), dict) and isinstance(files[n].get("size"), int)
+                                            and isinstance(files[n].get("sha256"), str) for n in DATA_FILES)):
+        fail(str(file), f"'files' with the size and sha256 of {list(DATA_FILES)}", f"{files!r}{_again(path)}")
+    return meta
+
+
+def verify_files(path: Path, meta: dict):
+    """Sizes of the data files always; sha256 on first use and after a change of size or mtime (``verified.json``
+    records what was verified; a read-only directory is verified at every open)."""
+    stamp_file = path / VERIFIED
+    try:
+        stamps = json.loads(stamp_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        stamps = {}
+    stamps = stamps if isinstance(stamps, dict) else {}
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    expected_tokens = int(meta["num_tokens"]) * itemsize
+    changed = False
+    for name in DATA_FILES:
+        file, want = path / name, meta["files"][name]
+        if not file.is_file():
+            fail(str(file), f"a data file of the dataset ({want['size']} bytes)", f"no such file{_again(path)}")
+        stat = file.stat()
+        if stat.st_size != want["size"]:
+            fail(str(file), f"{want['size']} bytes as meta.json records", f"{stat.st_size} bytes (truncated or "
+                 f"replaced){_again(path)}")
+        if name == TOKENS and stat.st_size != expected_tokens:
+            fail(str(file), f"{meta['num_tokens']} tokens of {meta['dtype']} ({expected_tokens} bytes) as {path / META} "
+                 "says", f"{stat.st_size} bytes (meta.json's dtype or counts do not match the file){_again(path)}")
+        seen = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": want["sha256"]}
+        if stamps.get(name) == seen:
+            continue
+        digest = sha256_file(file)
+        if digest != want["sha256"]:
+            fail(str(file), f"sha256 {want['sha256'][:16]}... as meta.json records", f"{digest[:16]}... (the file "
+                 f"changed after it was prepared){_again(path)}")
+        if stat.st_mtime_ns < time.time_ns() - RECENT_S * 10**9:
+            stamps[name] = seen
+            changed = True
+    if changed:
+        try:
+            write_atomic(stamp_file, json.dumps(stamps, indent=1))
+        except OSError:  # a read-only dataset: verified again at the next open
+            pass
 
 
 class TokenDataset:
     def __init__(self, path):
         self.path = Path(path)
-        if not (self.path / META).is_file():
-            fail("dataset_dir", f"a prepared dataset directory (with {META})", repr(str(path)))
-        self.meta = json.loads((self.path / META).read_text())
-        if self.meta.get("format") != FORMAT:
-            fail("dataset_dir", f"format {FORMAT!r}", repr(self.meta.get("format")))
+        self.meta = read_meta(self.path)
+        verify_files(self.path, self.meta)
         self.num_tokens = int(self.meta["num_tokens"])
         self.num_documents = int(self.meta["num_documents"])
         # A plain ndarray view of the memory map (indexing a np.memmap subclass costs more per call).
         self.tokens = np.asarray(np.memmap(self.path / TOKENS, dtype=np.dtype(self.meta["dtype"]), mode="r",
                                            shape=(self.num_tokens,)))
-        self.offsets = np.load(self.path / OFFSETS)
+        self.offsets = np.load(self.path / OFFSETS, allow_pickle=False)
         if self.offsets.shape != (self.num_documents + 1,) or int(self.offsets[-1]) != self.num_tokens:
-            fail("dataset_dir", f"offsets.npy of {self.num_documents + 1} entries ending at {self.num_tokens}",
+            fail(str(self.path / OFFSETS), f"{self.num_documents + 1} entries ending at {self.num_tokens}",
                  f"shape {self.offsets.shape} ending at {int(self.offsets[-1])}")
         tok = self.meta["tokenizer"]
         self.vocab_size, self.eod_id, self.pad_id = tok["vocab_size"], tok["eod_id"], tok["pad_id"]
@@ -50,10 +138,12 @@ class TokenDataset:
 
 
 def finish_dataset(tmp: Path, lengths: np.ndarray, meta: dict):
-    """Writes offsets.npy and, last, meta.json (with the counts) into a dataset directory being built."""
+    """Writes offsets.npy and, last, meta.json (with the counts and each data file's size and sha256) into a
+    dataset directory being built."""
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     np.save(tmp / OFFSETS, offsets)
-    meta.update(num_documents=len(lengths), num_tokens=int(offsets[-1]))
+    files = {name: {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in DATA_FILES}
+    meta.update(num_documents=len(lengths), num_tokens=int(offsets[-1]), files=files)
     (tmp / META).write_text(json.dumps(meta, indent=1))
 
 

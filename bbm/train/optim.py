@@ -28,3 +28,16 @@ def lr_factor(step: int, cfg: ScheduleConfig, max_steps: int) -> float:
 
 def build_schedule(optimizer, cfg: ScheduleConfig, max_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, max_steps))
+
+
+def apply_hyperparameters(schedule, cfg: OptimizerConfig):
+    """Sets ``cfg``'s values on the optimizer that ``schedule`` drives, after a checkpoint's states were loaded
+    (loading restores the saved lr, betas, eps and weight decay). The lr of the step about to run is the
+    schedule's, from the new peak lr: the same value the schedule's own step computes."""
+    schedule.base_lrs = [cfg.lr] * len(schedule.base_lrs)
+    groups = schedule.optimizer.param_groups
+    for i, group in enumerate(groups):  # build_optimizer's order: the decayed matrices, then the rest
+        group.update(betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay if i == 0 else 0.0,
+                     initial_lr=cfg.lr)
+        group["lr"] = schedule.base_lrs[i] * schedule.lr_lambdas[i](schedule.last_epoch)
+    schedule._last_lr = [group["lr"] for group in groups]

@@ -1,4 +1,7 @@
-"""Where metrics go: ``metrics.jsonl`` in the run directory (always) and Weights & Biases (rank 0)."""
+"""Where metrics go: ``metrics.jsonl`` in the run directory (always) and Weights & Biases (rank 0).
+
+A W&B failure (no network at init, a connection reset at a log or at the finish) never stops the run or the
+local metrics: it is reported in one line and W&B is dropped for the rest of the run."""
 import json
 import math
 import os
@@ -47,7 +50,16 @@ class MetricsSink:
         self.wandb_dir: Optional[Path] = None
         self.mode = wandb_mode(wandb_cfg.mode)
         if self.mode != "disabled":
-            self._init_wandb(wandb_cfg, config, resumed=start_step > 0)
+            self._guarded("init", self._init_wandb, wandb_cfg, config, resumed=start_step > 0)
+
+    def _guarded(self, what: str, fn, *args, **kwargs):
+        """Runs a W&B call; on failure prints one line and drops W&B (the local metrics go on)."""
+        try:
+            fn(*args, **kwargs)
+        except Exception as e:  # any failure of the W&B client or its service
+            print(f"bbm train: W&B {what} failed ({type(e).__name__}: {e}); W&B dropped, local metrics continue in "
+                  f"{self.path}", flush=True)
+            self.wandb = None
 
     def _init_wandb(self, cfg, config: dict, resumed: bool):
         import wandb
@@ -65,10 +77,11 @@ class MetricsSink:
         self.file.write(json.dumps(clean) + "\n")
         self.file.flush()
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+            self._guarded("log", self.wandb.log, {k: v for k, v in record.items() if k != "step" and v is not None},
+                          step=record["step"])
 
     def close(self):
         self.file.close()
         if self.wandb is not None:
-            self.wandb.finish()
+            self._guarded("finish", self.wandb.finish)
             self.wandb = None

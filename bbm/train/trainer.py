@@ -5,8 +5,6 @@ import logging
 import math
 import random
 import resource
-import signal
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -23,36 +21,16 @@ from bbm._tensors import to_device
 from bbm.model import Decoder, attend, build_mask
 from bbm.model.decoder import Block
 from bbm.train import checkpoint as ckpt
+from bbm.train import feasibility, resume
 from bbm.train.config import TrainConfig, to_dict
 from bbm.train.ds_config import deepspeed_config
 from bbm.train.env import init_distributed
 from bbm.train.flops import attention_gain, dense_pairs, peak_tflops, step_flops
-from bbm.train.optim import build_optimizer, build_schedule
+from bbm.train.optim import apply_hyperparameters, build_optimizer, build_schedule
 from bbm.train.profiling import StepProfiler
+from bbm.train.run_lock import RunLock
 from bbm.train.sink import METRICS_FILE, MetricsSink, read_metrics
-
-
-class StopSignal:
-    """Remembers a SIGTERM / SIGINT; the loop saves and exits at the next step boundary. A second
-    signal gets the previous handler (a second Ctrl-C interrupts at once)."""
-
-    def __init__(self):
-        self.signum = None
-        self.previous = {}
-
-    def install(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self.previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-        signal.signal(signum, self.previous[signum])
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous = {}
+from bbm.train.stop import StopSignal, exit_code
 
 
 class Interval:
@@ -95,6 +73,16 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, loader=None, local_rank: Optional[int] = None):
         self.cfg = cfg
         self.env = init_distributed(cfg.run.device, local_rank)
+        self.run_dir = Path(cfg.run.dir)
+        self.lock = self._lock_run_dir()
+        try:
+            self._setup(loader)
+        except BaseException:
+            self._unlock_run_dir()
+            raise
+
+    def _setup(self, loader):
+        cfg = self.cfg
         self.groups = ParallelGroups(cfg.deepspeed.sequence_parallel_size)  # data parallel x sequence parallel
         self.sp = self.groups.sp_size
         import deepspeed
@@ -104,7 +92,6 @@ class Trainer:
         if cfg.model.attention == "flex" and self.env.device.type == "cpu":
             fail("model.attention", "'bbm', 'sdpa_masked' or 'sdpa_causal' on CPU (FlexAttention has no CPU backward)",
                  "'flex'")
-        self.run_dir = Path(cfg.run.dir)
         self.loader = loader if loader is not None else self._make_loader()
         vocab = cfg.model.vocab_size or self.loader.vocab_size
         if vocab < self.loader.vocab_size:
@@ -148,20 +135,49 @@ class Trainer:
                             world_size=self.groups.dp_size, seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                             prefetch=cfg.data.prefetch)
 
+    def _lock_run_dir(self) -> Optional[RunLock]:
+        """Rank 0 locks the run directory for the run's life; a run directory in use stops every rank."""
+        lock = error = None
+        if self.env.is_main:
+            try:
+                lock = RunLock(self.run_dir)
+            except RuntimeError as e:
+                error = e
+        if self._any_rank(error is not None):
+            raise error or RuntimeError(f"run.dir: {self.run_dir} is in use by another run (rank 0 names it)")
+        if lock is not None and lock.taken_over:
+            self._print(f"run dir lock: taking over from {lock.taken_over}, which ended without releasing it")
+        return lock
+
+    def _unlock_run_dir(self):
+        if self.lock is not None:
+            self.lock.release()
+
     def _resume(self):
-        path = ckpt.resolve(self.cfg.checkpoint.resume, self.checkpoints.root)
-        if path is None:
-            if self.cfg.checkpoint.resume == "none" and self.env.is_main:
+        """Continues from the newest checkpoint that verifies (``checkpoint.resume``), naming each one skipped;
+        a changed config key that cannot change is an error, the others are applied and announced."""
+        cfg = self.cfg
+        paths = ckpt.candidates(cfg.checkpoint.resume, self.checkpoints.root)
+        if not paths:
+            if cfg.checkpoint.resume == "none" and self.env.is_main:
                 self.checkpoints.clear()
             dist.barrier()
             return
-        client, rank_state = self.checkpoints.load(self.engine, path)
-        self.step = self.start_step = self.saved_step = client["step"]
-        self.tokens_seen = client["tokens_seen"]
-        self.loader.load_state_dict(client["loader"])
-        if rank_state is not None:
-            ckpt.set_rng_state(rank_state["rng"])
+        path = ckpt.first_verified(paths, self._print)
+        if path is None:
+            fail("checkpoint.resume", "a checkpoint whose files match its manifest (each one skipped is named above)",
+                 f"none of {len(paths)} under {paths[0].parent}", RuntimeError)
+        state = ckpt.read_state(path)
+        changes = resume.compare(state["config"], to_dict(cfg), state["world_size"], self.env.world_size, path)
+        rank_state = self.checkpoints.load(self.engine, path)
+        apply_hyperparameters(self.engine.lr_scheduler, cfg.optimizer)  # loading restored the saved values
+        self.step = self.start_step = self.saved_step = state["step"]
+        self.tokens_seen = state["tokens_seen"]
+        self.loader.load_state_dict(state["loader"])
+        ckpt.set_rng_state(rank_state["rng"])
         self.last_checkpoint = path
+        for line in changes:
+            self._print(line)
         self._print(f"resumed from {path} at step {self.step}")
 
     # ------------------------------------------------------------------ helpers
@@ -303,15 +319,34 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self):
-        client = {"step": self.step, "tokens_seen": self.tokens_seen, "loader": self.loader.state_dict(),
-                  "config": to_dict(self.cfg)}
-        self.last_checkpoint = self.checkpoints.save(self.engine, self.step, client, {"rng": ckpt.rng_state()})
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "loader": self.loader.state_dict(),
+                 "config": to_dict(self.cfg), "world_size": self.env.world_size}
+        self.last_checkpoint = self.checkpoints.save(self.engine, self.step, state, {"rng": ckpt.rng_state()})
         self.saved_step = self.step
+
+    def _check_fits(self):
+        """Before the first step: an error (on every rank) if the step is far too large for the device, a warning
+        if it may not fit (``bbm.train.feasibility``)."""
+        error, warning = feasibility.check(self.cfg, self.model_cfg, self.env.world_size, feasibility.local_ranks(),
+                                           self.sp, self.env.device)
+        if self._any_rank(error is not None):
+            raise MemoryError(error or "a step that fits every rank's device (rank 0 names the keys)")
+        if warning:
+            self._print(warning)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
+        """Trains to run.max_steps or until a signal; returns the summary, whose ``exit_code`` is 0, or 128 + the
+        signal number after a stop by signal (``bbm.train.stop``). The run directory is unlocked at the end."""
+        try:
+            return self._train()
+        finally:
+            self._unlock_run_dir()
+
+    def _train(self) -> dict:
         cfg, env = self.cfg, self.env
         self._print(self._banner())
+        self._check_fits()
         sink = MetricsSink(self.run_dir, cfg.wandb, to_dict(cfg), self.start_step) if env.is_main else None
         bar = None
         if env.is_main and cfg.metrics.progress_bar:
@@ -330,7 +365,9 @@ class Trainer:
                     stopped = True
                     break
                 profiler.before_step(self.step + 1)
+                started = time.perf_counter()
                 self._train_step(batches, interval)
+                stop.step_took(time.perf_counter() - started)
                 self.step += 1
                 profiler.after_step(self.step)
                 self.tokens_seen += self.tokens_per_step
@@ -353,16 +390,19 @@ class Trainer:
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     self.save()
                     interval.reset()
+        except BaseException:
+            stop.restore()
+            raise
         finally:
+            stop.at_boundary()  # saving and the summary are not cut short by the stop's grace period
             getattr(batches, "close", lambda: None)()  # stops the loader's prefetch thread
             profiler.close()
-            stop.restore()
             if bar is not None:
                 bar.close()
         if self.saved_step != self.step and (cfg.checkpoint.at_end or stopped):
             self.save()
-        summary = {"step": self.step, "stopped": stopped, "run_dir": str(self.run_dir),
-                   "checkpoint": str(self.last_checkpoint), "first": first, "last": last}
+        summary = {"step": self.step, "stopped": stopped, "exit_code": exit_code(stop.signum if stopped else None),
+                   "run_dir": str(self.run_dir), "checkpoint": str(self.last_checkpoint), "first": first, "last": last}
         if sink is not None:
             summary["wandb_dir"] = str(sink.wandb_dir) if sink.wandb_dir else None
             sink.close()
@@ -370,6 +410,8 @@ class Trainer:
 
             summary["dashboard"] = str(write_dashboard(self.run_dir)) if read_metrics(self.run_dir) else None
             self._print(self._closing(summary, stop.signum))
+        dist.barrier()  # no rank exits (and makes a launcher stop the others) before rank 0 wrote the summary
+        stop.restore()
         return summary
 
     def _banner(self) -> str:
@@ -382,7 +424,8 @@ class Trainer:
 
     def _closing(self, summary: dict, signum) -> str:
         first, last = summary["first"], summary["last"]
-        head = f"stopped by signal {signum} at step {self.step}" if summary["stopped"] else f"finished at step {self.step}"
+        head = (f"stopped by signal {signum} at step {self.step} (exit code {summary['exit_code']})" if summary["stopped"]
+                else f"finished at step {self.step}")
         if first and last:
             head += f"; loss {first['loss']:.3f} (step {first['step']}) -> {last['loss']:.3f} (step {last['step']})"
         lines = [f"bbm train: {head}",

@@ -9,7 +9,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def run_child(args, timeout=300, check=True):
     """Runs ``args`` from the repository root with one OpenMP thread per process (2-core machines)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1",
+               PYTHONPATH=str(REPO))  # scripts under tests/ import this checkout's bbm, not an installed one
     proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
