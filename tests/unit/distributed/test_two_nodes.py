@@ -61,7 +61,8 @@ def test_two_nodes_train_as_one_process(tmp_path):
 
 def test_slurm_task_variables_make_the_rank(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "TORCH_EXTENSIONS_DIR"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "")  # recorded, so that what set_rank_variables writes is undone after the test
+        monkeypatch.delenv(key)
     monkeypatch.setenv("SLURM_PROCID", "9")
     monkeypatch.setenv("SLURM_NTASKS", "16")
     monkeypatch.setenv("SLURM_LOCALID", "1")
