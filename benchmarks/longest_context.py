@@ -15,7 +15,7 @@ import torch
 from bbm.model import Decoder, build_mask
 from bbm.testing import document_positions
 from bbm.train.config import load_config
-from common import RESULTS, environment, packed_doc_ids, stdlib_file_sizes, write_json
+from common import environment, packed_doc_ids, results_path, stdlib_file_sizes, write_json
 
 
 def batch(n, device):
@@ -29,9 +29,10 @@ def main():
     ap.add_argument("--config", default="configs/gpt_125m_16k.yaml")
     ap.add_argument("--sizes", default="65536,131072,262144,393216,524288,786432,1048576")
     ap.add_argument("--max-step-s", type=float, default=90.0, help="stop growing once a step takes this long")
-    ap.add_argument("--out", default=str(RESULTS / "longest_context.json"))
+    ap.add_argument("--out", help="results JSON (default benchmarks/results/longest_context_<card>.json)")
     args = ap.parse_args()
     device = torch.device("cuda")
+    out = args.out or results_path("longest_context", device)
     cfg = load_config(args.config, [])
     mc = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or 257)
     model = Decoder(mc, checkpoint_layers=True).to(device)
@@ -55,7 +56,7 @@ def main():
             row = {"n": n, "fits": False}
         rows.append(row)
         print(row, flush=True)
-        write_json(args.out, {"env": environment(device), "config": args.config, "rows": rows})
+        write_json(out, {"env": environment(device), "config": args.config, "rows": rows})
         if not row["fits"] or row["step_s"] > args.max_step_s:
             break
         del loss

@@ -8,7 +8,7 @@ For each ZeRO stage: one GPU with gradient accumulation G, then G GPUs data para
 GPUs splitting each sequence (sequence_parallel_size=G, accumulation G). All runs see the same sequences in
 the same order, so their loss curves should agree (exactly up to bf16 reduction order). Prints tokens/s
 (whole job), per GPU, scaling efficiency (tokens/s per GPU over the one-GPU run's), peak memory and the largest
-loss difference from the one-GPU run; writes benchmarks/results/multi_gpu.json.
+loss difference from the one-GPU run; writes benchmarks/results/multi_gpu_<G>x<card>.json (e.g. multi_gpu_2xh200.json).
 """
 import argparse
 import subprocess
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from bbm.train.sink import read_metrics
-from common import RESULTS, environment, median_after, training_overrides, write_json  # benchmarks/common.py
+from common import environment, median_after, results_path, training_overrides, write_json  # benchmarks/common.py
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def main():
     ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--timeout", type=int, default=240, help="seconds per run")
     ap.add_argument("--port", type=int, default=29600, help="the first run's master port (then +1 a run)")
-    ap.add_argument("--out", help="JSON path (default benchmarks/results/multi_gpu.json)")
+    ap.add_argument("--out", help="JSON path (default benchmarks/results/multi_gpu_<G>x<card>.json)")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
     args = ap.parse_args()
     gpus = args.gpus or torch.cuda.device_count()
@@ -86,7 +86,8 @@ def main():
                                                        f"deepspeed.gradient_accumulation_steps={gpus}"], args, workdir,
                             next(ports))
                 rows[f"zero2_sp{gpus}"] = summary(sp, gpus, args, base) if sp and base else None
-    env = environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = environment(device)
     env.update(gpus=gpus, deepspeed=__import__("deepspeed").__version__)
     print(f"\n{args.config}: {env}")
     print(f"{'run':<14} {'GPUs':>4} {'tokens/s':>9} {'per GPU':>8} {'efficiency':>10} {'MFU':>6} {'mem GiB':>8} "
@@ -99,7 +100,7 @@ def main():
         print(f"{name:<14} {r['gpus']:>4} {r['tokens_per_s']:>9.0f} {r['tokens_per_s_per_gpu']:>8.0f} "
               f"{'-' if eff is None else format(eff, '.2f'):>10} {'-' if r['mfu'] is None else format(r['mfu'], '.3f'):>6} "
               f"{r['peak_mem_gib']:>8.1f} {'-' if diff is None else format(diff, '.4f'):>15}")
-    out = Path(args.out) if args.out else RESULTS / "multi_gpu.json"
+    out = Path(args.out) if args.out else results_path("multi_gpu", device, gpus)
     write_json(out, {"config": args.config, "overrides": args.overrides, "environment": env,
                      "warmup": args.warmup, "steps": args.steps, "rows": rows})
     print(f"\nwritten {out}")
