@@ -1,8 +1,8 @@
 """bbm vs FlexAttention vs SDPA: forward, forward+backward, metadata build, effective TFLOP/s.
 
     python benchmarks/attention.py [--masks docs,docs4,...] [--sizes 16384,32768] [--dims 128,64]
-        [--heads 16] [--kv-heads 16,4] [--layout bhnd|bnhd] [--out benchmarks/results/attention.json] [--sweep fwd,bwd]
-    python benchmarks/attention.py --plot benchmarks/results/attention.json   # PNG from a JSON (no GPU)
+        [--heads 16] [--kv-heads 16,4] [--layout bhnd|bnhd] [--out benchmarks/results/attention_h100.json] [--sweep fwd,bwd]
+    python benchmarks/attention.py --plot benchmarks/results/attention_h100.json   # PNG from a JSON (no GPU)
 
 TFLOP/s count allowed pairs only: forward 4 D per pair per query head, backward 2.5x the forward.
 FlexAttention runs compiled, its BlockMask built once (its build timed separately, plain and with
@@ -28,7 +28,7 @@ import torch
 import bbm
 from attention_masks import MASKS, WINDOWS, build, document_ids
 from bbm.attention import fa4
-from common import environment, timed, write_json
+from common import environment, results_path, timed, write_json
 
 META_TILE = (128, 128)
 
@@ -61,7 +61,7 @@ def _alarm(signum, frame):
 
 def guarded(fn, seconds: int = 0):
     """fn() or None when it runs out of memory or (seconds > 0) takes longer than that: some inductor
-    compiles of FlexAttention hung on the H100 (see NOTES_attention.md)."""
+    compiles of FlexAttention hung on the H100 (see docs/notes/attention.md)."""
     signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(seconds)
     try:
@@ -358,7 +358,7 @@ def main():
     ap.add_argument("--blockmask-compile-seconds", type=int, default=90,
                     help="time limit of the compiled create_block_mask timing (0: skip it)")
     ap.add_argument("--sweep", default="", help="also time every candidate config of: fwd,bwd")
-    ap.add_argument("--out", default="benchmarks/results/attention.json")
+    ap.add_argument("--out", help="results JSON (default benchmarks/results/attention_<card>.json)")
     ap.add_argument("--plot", metavar="JSON", help="only draw the PNG of an existing JSON")
     args = ap.parse_args()
     if args.plot:
@@ -366,6 +366,7 @@ def main():
         return
     torch._dynamo.config.cache_size_limit = 256
     dev = torch.device("cuda")
+    out = args.out or results_path("attention", dev)
     rows = []
     for name in args.masks.split(","):
         if name not in MASKS:
@@ -377,9 +378,9 @@ def main():
                     rows.append(run_case(name, n, d, args.heads, kv, args, dev))
                     print(f"  [{name} N={n} D={d} {args.heads}:{kv} done in {time.time() - t0:.0f} s] "
                           + json.dumps({k: v for k, v in rows[-1].items() if k != "sweep"}), flush=True)
-                    write_json(args.out, {"env": environment(dev), "rows": rows})
+                    write_json(out, {"env": environment(dev), "rows": rows})
     print_table(rows)
-    print(f"wrote {args.out}; draw its PNG with --plot {args.out}")
+    print(f"wrote {out}; draw its PNG with --plot {out}")
 
 
 if __name__ == "__main__":

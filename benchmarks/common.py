@@ -3,6 +3,7 @@ import json
 import os
 import platform
 import random
+import re
 import statistics
 import time
 from datetime import date
@@ -60,6 +61,22 @@ def environment(device) -> dict:
     import triton
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     return {"card": card, "torch": torch.__version__, "triton": triton.__version__, "date": date.today().isoformat()}
+
+
+def card_tag(device, gpus: int = 1) -> str:
+    """The machine as a results file's name says it: ``h100``, ``2xh200``, ``cpu``."""
+    if device.type != "cuda":
+        tag = "cpu"
+    else:
+        name = torch.cuda.get_device_name(device).replace("NVIDIA", "").strip()
+        model = re.search(r"\b[A-Z]{1,2}\d{2,4}[A-Z]?\b", name)  # H100, H200, A100, L40S, A10G
+        tag = (model.group(0) if model else re.sub(r"\W+", "_", name)).lower()
+    return f"{gpus}x{tag}" if gpus > 1 else tag
+
+
+def results_path(stem: str, device, gpus: int = 1) -> Path:
+    """A benchmark's default ``--out``: ``benchmarks/results/<stem>_<card_tag>.json``."""
+    return RESULTS / f"{stem}_{card_tag(device, gpus)}.json"
 
 
 def write_json(path, payload):

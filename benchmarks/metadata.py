@@ -1,13 +1,13 @@
 """Build time and memory of document-mask metadata (ranges + tile lists), 8k-128k tokens.
 
-    python benchmarks/metadata.py [--device cuda] [--out results/metadata.json]
+    python benchmarks/metadata.py [--device cuda] [--out benchmarks/results/metadata_h100.json]
 """
 import argparse
 
 import torch
 
 import bbm
-from common import RESULTS, environment, packed_doc_ids, stdlib_file_sizes, timed, write_json
+from common import environment, packed_doc_ids, results_path, stdlib_file_sizes, timed, write_json
 
 
 def tensor_bytes(*tensors):
@@ -19,7 +19,7 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--sizes", default="8192,16384,32768,65536,131072")
     ap.add_argument("--block", default="128,64", help="block_m,block_n of the tile lists")
-    ap.add_argument("--out", default=str(RESULTS / "metadata.json"))
+    ap.add_argument("--out", help="results JSON (default benchmarks/results/metadata_<card>.json)")
     args = ap.parse_args()
     device = torch.device(args.device)
     bm, bn = (int(x) for x in args.block.split(","))
@@ -45,8 +45,9 @@ def main():
             print(f"{dist:>8} N={n:>6} docs={r['docs']:>5} density={r['density']:.3f} build={ms:8.3f} ms "
                   f"metadata={r['metadata_MiB']:7.2f} MiB (dense bool mask {r['dense_mask_MiB']:8.0f} MiB) "
                   f"tiles e/p/f={s['empty']}/{s['partial']}/{s['full']}", flush=True)
-    write_json(args.out, {"env": environment(device), "block": [bm, bn], "rows": rows})
-    print(f"wrote {args.out} ({environment(device)})")
+    out = args.out or results_path("metadata", device)
+    write_json(out, {"env": environment(device), "block": [bm, bn], "rows": rows})
+    print(f"wrote {out} ({environment(device)})")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Packing efficiency (non-padding fraction) and throughput on one CPU core, N = 4k..128k.
 
-    python benchmarks/packing.py [--sizes 4096,...,131072] [--shuffle-buffer 1024] [--out results/packing.json]
+    python benchmarks/packing.py [--sizes 4096,...,131072] [--shuffle-buffer 1024] [--out benchmarks/results/packing_cpu.json]
 
 Corpora: the embedded one (the Python standard library's .py files, byte-level, prepared with
 bbm.data.prepare) and a synthetic long-tailed one (log-normal lengths: median ~665 tokens, mean ~2.4k,
@@ -61,7 +61,7 @@ def main():
     ap.add_argument("--shuffle-buffer", type=int, default=1024)
     ap.add_argument("--synthetic-tokens", type=int, default=32_000_000)
     ap.add_argument("--cache-dir", default=".cache/datasets")
-    ap.add_argument("--out", default=str(RESULTS / "packing.json"))
+    ap.add_argument("--out", default=str(RESULTS / "packing_cpu.json"))
     args = ap.parse_args()
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})   # one core
     t0 = time.perf_counter()

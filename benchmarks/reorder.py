@@ -3,7 +3,7 @@
 A band of half-width `bandwidth` seen through a random token permutation has its non-zeros scattered over
 almost every tile; RCM recovers an ordering that gathers them near the diagonal.
 
-    python benchmarks/reorder.py [--out benchmarks/results/reorder.json]
+    python benchmarks/reorder.py [--out benchmarks/results/reorder_cpu.json]
 """
 import argparse
 import time
@@ -20,7 +20,7 @@ def main():
     ap.add_argument("--sizes", default="1024,4096,8192")
     ap.add_argument("--bandwidths", default="8,64")
     ap.add_argument("--block", type=int, default=64)
-    ap.add_argument("--out", default=str(RESULTS / "reorder.json"))
+    ap.add_argument("--out", default=str(RESULTS / "reorder_cpu.json"))
     args = ap.parse_args()
     rows = []
     for n in (int(x) for x in args.sizes.split(",")):

@@ -7,14 +7,14 @@ bbm path) on the documents the training run meets, batch by batch, with the mode
 The training throughput (benchmarks/train_throughput.py) is attention plus everything else; this shows the
 attention part alone and where each path wins (by document count and length). q, k, v are random, in the
 (B, N, H, D) memory the model's projections leave them in. Results: --out (default
-benchmarks/results/train_batches.json) and a table on stdout.
+benchmarks/results/train_batches_<card>.json) and a table on stdout.
 """
 import argparse
 from pathlib import Path
 
 import torch
 
-from common import RESULTS, environment, timed, write_json  # benchmarks/common.py
+from common import environment, results_path, timed, write_json  # benchmarks/common.py
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def main():
                     help="model.attention values; bbm:PATH forces bbm.attention's path (ragged, triton, sdpa)")
     ap.add_argument("--batches", type=int, default=36)
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--out", help="results JSON (default benchmarks/results/train_batches.json)")
+    ap.add_argument("--out", help="results JSON (default benchmarks/results/train_batches_<card>.json)")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. data.tokenizer=PATH")
     args = ap.parse_args()
     from bbm.model import attend, build_mask
@@ -75,7 +75,7 @@ def main():
     base = totals[names[0]]
     for name in names:
         print(f"{name:<12} {totals[name]:9.1f} ms over {len(rows)} batches   {totals[name] / base:5.2f}x {names[0]}'s time")
-    out = Path(args.out) if args.out else RESULTS / "train_batches.json"
+    out = Path(args.out) if args.out else results_path("train_batches", device)
     write_json(out, {"config": Path(args.config).name, "overrides": args.overrides, "environment": env,
                      "backends": names, "totals_ms": totals, "rows": rows})
     print(f"\nwritten {out}")

@@ -10,7 +10,7 @@ Each backend trains in its own child process (a hung compile or an out-of-memory
 same batches for every backend), so the rates are over the timed steps as a whole (their total work over their
 total time) and the step time is their mean; the attention gain is fwd+bwd of one layer's attention vs dense
 causal SDPA on the last batch.
-Results: --out (default benchmarks/results/train_throughput.json) and a table on stdout.
+Results: --out (default benchmarks/results/train_throughput_<card>.json) and a table on stdout.
 """
 import argparse
 import json
@@ -82,14 +82,14 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--timeout", type=int, default=300, help="seconds per backend")
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--out", help="results JSON (default benchmarks/results/train_throughput.json)")
+    ap.add_argument("--out", help="results JSON (default benchmarks/results/train_throughput_<card>.json)")
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="key=value config overrides for every backend")
     args = ap.parse_args()
     if args.child:
         return child(args)
     import torch
-    from common import RESULTS, environment, write_json  # benchmarks/common.py
+    from common import environment, results_path, write_json  # benchmarks/common.py
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = {}
@@ -112,7 +112,7 @@ def main():
         print(f"{backend:<12} {r['tokens_per_s']:>10.0f} {r['step_time_s']:>7.3f} {fmt(r['tflops']):>8} "
               f"{fmt(r['mfu'], '.3f'):>6} {fmt(r['tflops_dense_convention']):>12} {fmt(r['mfu_dense_convention'], '.3f'):>8} "
               f"{fmt(r['gain_vs_dense'], '.2f'):>9} {r['peak_mem_gib']:>8.1f} {fmt(speed, '.2f'):>6}")
-    out = Path(args.out) if args.out else RESULTS / "train_throughput.json"
+    out = Path(args.out) if args.out else results_path("train_throughput", device)
     write_json(out, {"config": Path(args.config).name, "overrides": args.overrides, "environment": env,
                      "warmup": args.warmup, "steps": args.steps, "rows": rows})
     print(f"\nwritten {out}")

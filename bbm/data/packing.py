@@ -6,7 +6,7 @@
    with the least room that still fits them (bisect over a sorted list of remaining capacities).
 3. ``pack_window``: the window's sequences in a random order, as a flat list of pieces plus pointers;
    ``pack_windows`` runs it window after window, carrying the least-filled sequence's pieces over to the
-   next window instead of padding it (>= 99.9% non-padding on long-tailed lengths, see benchmarks/packing.py).
+   next window instead of padding it (the non-padding share it reaches: benchmarks/packing.py).
 4. ``materialize``: tokens, labels, position ids and document ids of some sequences, all vectorised.
 
 Conventions of the materialised sequences (what ``bbm.Mask.from_documents`` and the loss expect):

@@ -109,7 +109,7 @@ class Mask:
 
         ``device``: where the mask lives (default: ``doc_ids``' device). Host ids with a GPU ``device`` are
         copied there without waiting, and the mask keeps them: plans that read the document list on the host
-        (``bbm.ragged``, ``bbm.split``) then need no device sync."""
+        (the cuDNN ragged path's, ``bbm.attention.ragged``) then need no device sync."""
         check_tensor("doc_ids", doc_ids, ndim=2, dtype_kind="int")
         check_positive_int("window", window, allow_none=True)
         b, n = doc_ids.shape

@@ -1,6 +1,6 @@
 """Tile metadata of a structured (ranges) mask in three Triton launches, for the GPU.
 
-The same classification as ``bbm.masks.blocks.ranges_meta`` (vectorised PyTorch, ~100 small ops):
+The same classification as ``bbm.masks.tiles.ranges_meta`` (vectorised PyTorch, many small ops):
 ``classify_kernel`` classifies one row of tiles per program from the row intervals' bounds and
 compacts it (full first, then partial, then -1); ``compact_kernel`` compacts one column per program
 into the transposed lists; ``order_kernel`` ranks the query and the key tiles heaviest first (what
@@ -116,7 +116,7 @@ def order_kernel(Q_COUNT, Q_ORDER, lines_q, K_COUNT, K_ORDER, lines_k, q_program
 
 def ranges_lists(ranges: torch.Tensor, n_k: int, tile_m: int, tile_n: int):
     """-> classes int8 (Bm, 1, num_m, num_n), then (count_full, count, idx) per query tile and per key
-    tile, int32, laid out as documented in bbm.masks.blocks, then the heaviest-first orders of the query
+    tile, int32, laid out as documented in bbm.masks.tiles, then the heaviest-first orders of the query
     and of the key tiles."""
     bm_, _, n_q = ranges.shape
     num_m, num_n = -(-n_q // tile_m), -(-n_k // tile_n)

@@ -66,7 +66,7 @@ def init_distributed(device_kind: str = "auto", local_rank=None) -> DistEnv:
     import deepspeed
 
     if kind == "cpu":
-        # DeepSpeed's CPU shared-memory all-reduce serves inference only; skip its ~90 s C++ build
+        # DeepSpeed's CPU shared-memory all-reduce serves inference only; skip its slow C++ build
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     local = int(os.environ["LOCAL_RANK"])
     if kind == "cuda":
