@@ -30,8 +30,8 @@ from bbm.train.config import load_config
 from bbm.train.env import free_port
 from bbm.train.memory import dims_from_config, setup_from_config
 from bbm.train.sink import read_metrics
-from common import RESULTS, environment, training_overrides, write_json  # benchmarks/common.py
-from multi_gpu import card_slug, gpu_counts, launcher, run_command
+from common import environment, results_path, training_overrides, write_json  # benchmarks/common.py
+from multi_gpu import gpu_counts, launcher, run_command
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = "configs/gpt_125m_16k.yaml,configs/gpt_1b_64k.yaml"
@@ -179,7 +179,7 @@ def main(argv=None):
     here_gib = torch.cuda.get_device_properties(0).total_memory / GIB if args.device == "cuda" else 80.0
     gpu_gib = args.gpu_gib or here_gib
     here = torch.cuda.device_count() if args.device == "cuda" else max(counts)
-    out = Path(args.out) if args.out else RESULTS / f"longest_context_{card_slug(args.device, [here])}.json"
+    out = Path(args.out) if args.out else results_path("longest_context", torch.device(args.device), here)
     rows = load_rows(out)
     with tempfile.TemporaryDirectory(prefix="bbm_longest_") as workdir:
         plans = measure(args, counts, gpu_gib, Path(workdir), out, rows)

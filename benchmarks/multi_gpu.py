@@ -30,7 +30,6 @@ GPU-idle time per phase of the step) in the results. Results: ``benchmarks/resul
 """
 import argparse
 import os
-import re
 import shutil
 import signal
 import statistics
@@ -47,7 +46,7 @@ from bbm.distributed.ulysses import kv_replication
 from bbm.train.config import load_config
 from bbm.train.env import free_port
 from bbm.train.sink import read_metrics
-from common import RESULTS, environment, training_overrides, write_json  # benchmarks/common.py
+from common import RESULTS, card_tag, environment, training_overrides, write_json  # benchmarks/common.py
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("zero2", "zero3", "sp")
@@ -181,13 +180,6 @@ def compare(run: Run, row: dict, rows: dict):
         row["efficiency_same_per_gpu_batch"] = row["tokens_per_s_per_gpu"] / same_per_gpu["tokens_per_s"]
 
 
-def card_slug(device: str, counts: List[int]) -> str:
-    if device == "cpu":
-        return f"cpux{max(counts)}"
-    name = torch.cuda.get_device_name(0).lower().replace("nvidia", "").split()
-    return f"{re.sub(r'[^a-z0-9]', '', name[0]) if name else 'gpu'}x{max(counts)}"
-
-
 def topology() -> Optional[str]:
     """``nvidia-smi topo -m`` (how the GPUs are linked: NVLink, PCIe), where there is one."""
     if shutil.which("nvidia-smi") is None:
@@ -291,7 +283,7 @@ def main(argv=None):
           f"{env['deepspeed']}; {args.warmup} warm-up + {args.steps} timed steps, a record every {args.log_every}, "
           "medians over the timed records")
     print(table(runs, rows, skipped))
-    name = "_".join(["multi_gpu", card_slug(args.device, counts)] + ([args.tag] if args.tag else []))
+    name = "_".join(["multi_gpu", card_tag(torch.device(args.device), max(counts))] + ([args.tag] if args.tag else []))
     out = Path(args.out) if args.out else RESULTS / f"{name}.json"
     write_json(out, {"config": args.config, "overrides": args.overrides, "environment": env, "warmup": args.warmup,
                      "steps": args.steps, "log_every": args.log_every, "definitions": {
