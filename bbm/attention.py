@@ -18,10 +18,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bbm._checks import check_tensor, fail
 from bbm import ragged, split
+from bbm.backends import BACKENDS
 from bbm.masks import Mask
 from bbm.reference import reference_attention
-
-BACKENDS = ("auto", "sdpa", "split", "ragged", "triton", "reference")
 
 
 def _validate(q, k, v, mask, scale, backend):
