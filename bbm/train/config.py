@@ -289,10 +289,15 @@ def load_config(path=None, overrides=()) -> TrainConfig:
         tree = read_yaml(path)
     for text in overrides:
         apply_override(tree, *parse_override(text))
-    cfg = _build(TrainConfig, tree)
+    cfg = from_dict(tree)
     if cfg.run.dir is None:
         cfg.run.dir = str(Path("runs") / (path.stem if path is not None else "default"))
     return cfg.validate()
+
+
+def from_dict(tree: dict) -> TrainConfig:
+    """A config from a nested mapping (each key checked for its type), before ``validate``."""
+    return _build(TrainConfig, tree)
 
 
 def to_dict(cfg) -> dict:

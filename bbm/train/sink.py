@@ -12,6 +12,7 @@ from bbm._files import write_atomic
 
 METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "train.log"
+CONFIG_FILE = "config.yaml"  # the resolved config of the run
 WANDB_ID_FILE = "wandb_id"
 
 

@@ -33,9 +33,7 @@ from bbm.train.env import init_distributed
 from bbm.train.flops import attention_gain, dense_pairs, peak_tflops, step_flops
 from bbm.train.optim import build_optimizer, build_schedule
 from bbm.train.profiling import StepProfiler
-from bbm.train.sink import LOG_FILE, METRICS_FILE, MetricsSink, RunLog, eval_line, log_line, read_metrics
-
-CONFIG_FILE = "config.yaml"
+from bbm.train.sink import CONFIG_FILE, LOG_FILE, METRICS_FILE, MetricsSink, RunLog, eval_line, log_line, read_metrics
 
 
 class StopSignal:
