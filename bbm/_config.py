@@ -32,8 +32,8 @@ def inside(value, text: str) -> bool:
 
 
 @functools.cache
-def _number_kind(cls, name: str):
-    """int or float: the number type of field ``name`` (inside Optional, and the items of a list or tuple)."""
+def value_type(cls, name: str):
+    """The type of field ``name`` of dataclass ``cls``: inside Optional, the items of a list or tuple."""
     tp = typing.get_type_hints(cls)[name]
     while typing.get_args(tp):
         tp = next(a for a in typing.get_args(tp) if a is not type(None))
@@ -52,7 +52,7 @@ def check_fields(obj, prefix: str):
             fail(key, f"one of {choices}", repr(value))
         if within is None:
             continue
-        kind = _number_kind(type(obj), f.name)
+        kind = value_type(type(obj), f.name)
         for item in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(item, bool) or not isinstance(item, int if kind is int else (int, float)):
                 fail(key, f"{'an int' if kind is int else 'a number'} in {within}", repr(item), TypeError)
