@@ -390,7 +390,9 @@ class Trainer:
                             record["resumed_at"] = self.start_step  # the dashboard marks where the run resumed
                         sink.log(record)
                         first, last = first or record, record
-                        eta = now / (self.step - self.start_step) * (cfg.run.max_steps - self.step)
+                        # the latest interval's pace (the first step, with its warm-up, is no guide)
+                        warm = self.step > self.start_step + 1
+                        eta = record["step_time_s"] * (cfg.run.max_steps - self.step) if warm else None
                         self._print(log_line(record, cfg.run.max_steps, eta))
                         if eval_due:
                             last_eval = record

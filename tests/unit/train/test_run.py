@@ -22,7 +22,7 @@ SHORT = [f"run.max_steps={STEPS}", "run.seq_len=128", "run.micro_batch_size=4", 
          "data.eval_fraction=0.1", "eval.every=10", "eval.tokens=2048", "metrics.log_every=5", "metrics.gain_every=0",
          "schedule.warmup_steps=5", "checkpoint.every=0", "checkpoint.resume=none", "wandb.mode=disabled"]
 LOG_LINE = re.compile(r"^step +(\d+)/30 \| loss \d+\.\d{4} \| lr \d\.\d\de-\d\d \| grad norm \d+\.\d{3} \| "
-                      r"[\d,]+ tok/s \| [\d,]+ ms/step \| MFU \d+\.\d% \| peak mem \d+\.\d\d GiB \| ETA \w+$")
+                      r"[\d,]+ tok/s \| [\d,]+ ms/step \| MFU \d+\.\d% \| peak mem \d+\.\d\d GiB \| ETA (-|\w+)$")
 EVAL_LINE = re.compile(r"^eval +(\d+)/30 \| eval loss (\d+\.\d{4}) \| eval ppl \d+\.\d\d \| 2,048 held-out tokens "
                        r"\| \d+\.\d s$")
 
