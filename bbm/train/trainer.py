@@ -375,7 +375,7 @@ class Trainer:
                     bar.update(1)
                 final = self.step == cfg.run.max_steps
                 gain_due = cfg.metrics.gain_every and self.step % cfg.metrics.gain_every == 0
-                eval_due = bool(self.eval_batches) and (self.step % cfg.eval.every == 0 or final)
+                eval_due = bool(self.eval_batches and cfg.eval.every) and (self.step % cfg.eval.every == 0 or final)
                 log_due = self.step % cfg.metrics.log_every == 0 or self.step == self.start_step + 1 or final
                 if log_due or gain_due or eval_due:
                     record = self._record(interval, interval.elapsed())
