@@ -6,6 +6,7 @@ ZeRO-3's optimizer files, two DeepSpeed classes allowlisted by name (an enum and
 can run code."""
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,6 +35,8 @@ def _load(path: Path) -> dict:
     except Exception as e:  # pickle errors: a DeepSpeed class the plain allowlist lacks (ZeRO-3's optimizer files)
         if "GLOBAL deepspeed." not in str(e):
             raise
+    if not torch.cuda.is_available():  # DeepSpeed's classes only: no accelerator detection (and its warning)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
@@ -45,13 +48,19 @@ def _rank(path: Path) -> int:
     return int(re.search(r"zero_pp_rank_(\d+)_", path.name).group(1))
 
 
+def model_states(ckpt: Path) -> Path:
+    """The file of a DeepSpeed checkpoint that holds the module and the client state: the whole module (ZeRO
+    0-2), or rank 0's (ZeRO-3: its tensors are placeholders, the parameters live in the optimizer files)."""
+    whole = ckpt / "mp_rank_00_model_states.pt"
+    return whole if whole.is_file() else ckpt / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+
+
 def checkpoint_weights(ckpt: Path) -> dict:
     """The model's state dict in a DeepSpeed checkpoint directory: the module's tensors (ZeRO 0-2), or the fp32
     partitions of every rank put back together (ZeRO-3)."""
     ckpt = Path(ckpt)
-    whole = ckpt / "mp_rank_00_model_states.pt"
-    if whole.is_file():
-        return _load(whole)["module"]
+    if model_states(ckpt).name.startswith("mp_rank"):
+        return _load(model_states(ckpt))["module"]
     model_files = sorted(ckpt.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"), key=_rank)
     optim_files = sorted(ckpt.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=_rank)
     if not model_files or len(optim_files) != len(model_files):
@@ -74,7 +83,7 @@ def checkpoint_weights(ckpt: Path) -> dict:
 
 def _from_run(run_dir: Path):
     from bbm.train.checkpoint import newest
-    from bbm.train.config import from_dict, load_config
+    from bbm.train.config import from_dict, read_yaml
     from bbm.train.sink import CONFIG_FILE
 
     ckpt = newest(run_dir / "checkpoints")
@@ -83,15 +92,10 @@ def _from_run(run_dir: Path):
              FileNotFoundError)
     config = run_dir / CONFIG_FILE
     # the resolved config the run wrote; a run from before config.yaml existed keeps its config in the checkpoint
-    cfg = load_config(config) if config.is_file() else from_dict(_load(ckpt / _states_file(ckpt))["config"])
+    cfg = from_dict(read_yaml(config) if config.is_file() else _load(model_states(ckpt))["config"])
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     model_cfg = replace(cfg.model, vocab_size=cfg.model.vocab_size or tokenizer.vocab_size, fused=False)
     return model_cfg, checkpoint_weights(ckpt), tokenizer, cfg.run.seq_len, str(ckpt)
-
-
-def _states_file(ckpt: Path) -> str:
-    whole = ckpt / "mp_rank_00_model_states.pt"
-    return whole.name if whole.is_file() else "zero_pp_rank_0_mp_rank_00_model_states.pt"
 
 
 def _from_export(out_dir: Path):
