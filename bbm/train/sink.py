@@ -60,6 +60,11 @@ class RunLog:
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
+    def clear(self):
+        """Empties train.log: a run that starts from step 0 begins a new log (as it begins a new metrics.jsonl)."""
+        if self.enabled:
+            self.path.write_text("")
+
     def line(self, text: str):
         if not self.enabled:
             return

@@ -344,6 +344,8 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
         cfg, env = self.cfg, self.env
+        if self.start_step == 0:
+            self.log.clear()
         self._print(self._banner())
         if env.is_main:  # the resolved config (the tokenizer's vocabulary filled in): --config it to run it again
             write_atomic(self.run_dir / CONFIG_FILE, to_yaml(dataclasses.replace(cfg, model=self.model_cfg)))
