@@ -44,8 +44,10 @@ def split_documents_of(dataset: TokenDataset, eval_fraction: float, split: str) 
     mask = held_out(dataset.num_documents, eval_fraction)
     documents = np.flatnonzero(mask if split == "eval" else ~mask)
     if len(documents) == 0:
-        fail("data.eval_fraction", f"a fraction that leaves {split} documents among the dataset's "
-             f"{dataset.num_documents}", eval_fraction)
+        n = dataset.num_documents
+        want = (f"a fraction that holds out one of the dataset's {n} documents at least (or eval.every=0: no "
+                "evaluation)" if split == "eval" else f"a fraction that leaves training documents among the {n}")
+        fail("data.eval_fraction", want, eval_fraction)
     return documents
 
 

@@ -46,7 +46,8 @@ def test_eval_documents_never_reach_training(labelled):
 
 
 def test_split_errors_name_the_setting(labelled):
-    with pytest.raises(ValueError, match=r"^data\.eval_fraction: expected a fraction that leaves eval documents"):
+    with pytest.raises(ValueError, match=r"^data\.eval_fraction: expected a fraction that holds out one of the dataset's 300 "
+                                         r"documents at least \(or eval\.every=0"):
         PackedLoader(labelled, SEQ_LEN, 1, eval_fraction=0.0, split="eval")
     with pytest.raises(ValueError, match=r"^split: expected one of \('train', 'eval'\), got 'test'"):
         PackedLoader(labelled, SEQ_LEN, 1, split="test")
