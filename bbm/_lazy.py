@@ -25,6 +25,9 @@ def lazy_exports(package: str, homes: dict):
 
         return property(get, bind)
 
+    def listing(module):  # dir(package): its attributes and the public names not imported yet
+        return sorted(set(module.__dict__) | set(homes))
+
     module = sys.modules[package]
     names = {name: public(name, home) for name, home in homes.items()}
-    module.__class__ = type(f"{package}.package", (types.ModuleType,), names)
+    module.__class__ = type(f"{package}.package", (types.ModuleType,), {**names, "__dir__": listing})

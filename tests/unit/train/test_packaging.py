@@ -30,3 +30,19 @@ def test_installed_layout_is_searched(tmp_path, monkeypatch):
     (installed / "mine.yaml").write_text("run:\n  max_steps: 3\n")
     monkeypatch.setattr(config, "PRESET_DIRS", (tmp_path / "site-packages" / "configs", installed))
     assert config.load_config("mine").run.max_steps == 3
+
+
+def test_config_modules_load_without_torch_and_exports_resolve():
+    """bbm's packages import their public names on first use: the config modules need no torch, and the names
+    keep their meaning (``bbm.attention`` is the function even after the module of that name is imported)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nimport bbm.train.config, bbm.data.config, bbm.model.config, bbm.train.cli\n"
+             "print('torch' in sys.modules)\n"
+             "import bbm.attention, bbm\nfrom bbm.data import PackedLoader\nfrom bbm.model import Decoder\n"
+             "print(callable(bbm.attention) and not isinstance(bbm.attention, type(bbm)), bbm.Mask.__name__,\n"
+             "      PackedLoader.__name__, Decoder.__name__, 'Mask' in dir(bbm))")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "TRITON_INTERPRET": "1"})
+    assert proc.stdout.split() == ["False", "True", "Mask", "PackedLoader", "Decoder", "True"], proc.stderr
