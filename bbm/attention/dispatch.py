@@ -20,9 +20,8 @@ import torch
 from bbm._checks import check_tensor, fail
 from bbm.attention import fa4, ragged, sdpa
 from bbm.attention.reference import reference_attention
+from bbm.backends import BACKENDS
 from bbm.masks import Mask
-
-BACKENDS = ("auto", "sdpa", "ragged", "fa4", "triton", "reference")
 
 
 def _check_shapes(q, k, v):

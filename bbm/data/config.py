@@ -3,7 +3,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from bbm._checks import check_positive_int, fail
+from bbm._checks import fail
+from bbm._config import check_fields, setting
 
 SOURCES = ("stdlib", "text_dir", "jsonl", "parquet")
 TOKEN_DTYPES = ("uint8", "uint16", "uint32")
@@ -11,33 +12,31 @@ TOKEN_DTYPES = ("uint8", "uint16", "uint32")
 
 @dataclass
 class DataConfig:
-    source: str = "stdlib"        # "stdlib" | "text_dir" | "jsonl" | "parquet"
-    path: Optional[str] = None    # directory / file / glob for text_dir, jsonl, parquet
-    text_field: str = "text"      # jsonl key / parquet column holding the text
-    tokenizer: str = "byte"       # "byte" or a path to a Hugging Face tokenizer.json
-    cache_dir: str = ".cache/datasets"   # prepared datasets live here, keyed by source, files and tokenizer
-    num_workers: int = 2          # tokenisation processes
-    shuffle_buffer: int = 1024    # documents per best-fit-decreasing packing window
-    prefetch: int = 2             # batches prepared ahead in a background thread (0: none)
-    max_documents: Optional[int] = None   # take only the first documents of the source (tests, smoke runs)
-    token_dtype: Optional[str] = None     # on-disk token dtype; None: the smallest that holds the vocabulary
+    """data: the corpus, its tokenizer and the held-out documents"""
+    source: str = setting("stdlib", "where the text comes from (stdlib: the Python standard library's sources)",
+                          choices=SOURCES)
+    path: Optional[str] = setting(None, "directory / file / glob for text_dir, jsonl, parquet")
+    text_field: str = setting("text", "jsonl key / parquet column holding the text")
+    tokenizer: str = setting("byte", "'byte' or a path to a Hugging Face tokenizer.json")
+    cache_dir: str = setting(".cache/datasets", "prepared datasets live here, keyed by source, files and tokenizer")
+    num_workers: int = setting(2, "tokenisation processes", within="[1, inf)")
+    shuffle_buffer: int = setting(1024, "documents per best-fit-decreasing packing window", within="[1, inf)")
+    prefetch: int = setting(2, "batches prepared ahead in a background thread (0: none)", within="[0, inf)")
+    max_documents: Optional[int] = setting(None, "take only the first documents of the source (tests, smoke runs)",
+                                           within="[1, inf)")
+    token_dtype: Optional[str] = setting(None, "on-disk token dtype; null: the smallest that holds the vocabulary",
+                                         choices=TOKEN_DTYPES)
+    eval_fraction: float = setting(0.01, "documents held out of training for evaluation (a fixed pseudo-random "
+                                         "choice per document index)", within="[0, 1)")
 
     def __post_init__(self):
-        if self.source not in SOURCES:
-            fail("data.source", f"one of {SOURCES}", repr(self.source))
+        check_fields(self, "data")
         if self.source != "stdlib" and not self.path:
             fail("data.path", f"a file, directory or glob for source {self.source!r}", repr(self.path))
         for name in ("text_field", "tokenizer", "cache_dir"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 fail(f"data.{name}", "a non-empty string", repr(value), TypeError)
-        check_positive_int("data.num_workers", self.num_workers)
-        check_positive_int("data.shuffle_buffer", self.shuffle_buffer)
-        check_positive_int("data.max_documents", self.max_documents, allow_none=True)
-        if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or self.prefetch < 0:
-            fail("data.prefetch", "an int >= 0", repr(self.prefetch))
-        if self.token_dtype is not None and self.token_dtype not in TOKEN_DTYPES:
-            fail("data.token_dtype", f"None or one of {TOKEN_DTYPES}", repr(self.token_dtype))
 
     @classmethod
     def from_dict(cls, values: Optional[dict]) -> "DataConfig":

@@ -8,7 +8,12 @@ epoch; a batch may straddle two epochs (nothing is dropped or repeated).
 
 A position is (epoch, window, index of the next sequence in the window), windows counted from 0 among those
 that hold sequences. Resuming replays the planning (not the tokens) of that epoch up to it, so a resumed run
-reads exactly the batches it would have read, even with another batch size or world size."""
+reads exactly the batches it would have read, even with another batch size or world size.
+
+Held-out documents: with ``eval_fraction`` f, each document is held out for evaluation with probability f, by a
+fixed pseudo-random draw per document index (``held_out``); ``split="train"`` streams the others, ``split="eval"``
+those. The draw of a document does not depend on how many documents follow it, so a held-out document stays held
+out when the dataset grows (a larger data.max_documents)."""
 import queue
 import threading
 
@@ -20,13 +25,39 @@ from bbm.data.dataset import TokenDataset
 from bbm.data.packing import materialize, pack_windows, split_documents
 
 STATE_KEYS = ("epoch", "window", "index", "seed", "seq_len", "shuffle_buffer", "dataset")
+SPLITS = ("train", "eval")
+HELD_OUT_SEED = 0x5EED_E7A1  # the stream of per-document draws (any fixed number: the choice must never change)
+
+
+def held_out(num_documents: int, eval_fraction: float) -> np.ndarray:
+    """Boolean per document: True for the documents held out of training for evaluation. Document d is held out
+    when the d-th draw of a fixed uniform stream is below ``eval_fraction``."""
+    return np.random.default_rng(HELD_OUT_SEED).random(num_documents) < eval_fraction
+
+
+def split_documents_of(dataset: TokenDataset, eval_fraction: float, split: str) -> np.ndarray:
+    """Indices of the documents of ``split`` ('train' or 'eval'); fails if the split would be empty."""
+    if split not in SPLITS:
+        fail("split", f"one of {SPLITS}", repr(split))
+    if not 0 <= eval_fraction < 1:
+        fail("eval_fraction", "a fraction in [0, 1)", repr(eval_fraction))
+    mask = held_out(dataset.num_documents, eval_fraction)
+    documents = np.flatnonzero(mask if split == "eval" else ~mask)
+    if len(documents) == 0:
+        n = dataset.num_documents
+        want = (f"a fraction that holds out one of the dataset's {n} documents at least (or eval.every=0: no "
+                "evaluation)" if split == "eval" else f"a fraction that leaves training documents among the {n}")
+        fail("data.eval_fraction", want, eval_fraction)
+    return documents
 
 
 class _Cursor:
     """Walks the sequence stream from a position; ``take(k)`` returns the next k sequences' pieces."""
 
-    def __init__(self, dataset: TokenDataset, seq_len: int, shuffle_buffer: int, seed: int, position: dict):
-        self.dataset, self.seq_len, self.shuffle_buffer, self.seed = dataset, seq_len, shuffle_buffer, seed
+    def __init__(self, dataset: TokenDataset, documents: np.ndarray, seq_len: int, shuffle_buffer: int, seed: int,
+                 position: dict):
+        self.dataset, self.documents, self.seq_len = dataset, documents, seq_len
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self._open_epoch(position["epoch"])
         while self.window < position["window"]:
             self._next_window(within_epoch=position["epoch"])
@@ -40,7 +71,7 @@ class _Cursor:
     def _open_epoch(self, epoch: int):
         # The epoch's document order, its pieces (absolute token ranges) and its lazily packed windows.
         rng = np.random.default_rng([self.seed, epoch])
-        perm = rng.permutation(self.dataset.num_documents)
+        perm = self.documents[rng.permutation(len(self.documents))]
         offsets = self.dataset.offsets
         doc, offset, self.lengths = split_documents(self.dataset.lengths[perm], self.seq_len)
         doc = perm[doc]
@@ -81,10 +112,11 @@ class _Cursor:
 class PackedLoader:
     """Yields dicts of CPU tensors, each (batch_size, seq_len): ``tokens``, ``labels``, ``position_ids``
     (int64) and ``doc_ids`` (int32), with the conventions of ``bbm.data.packing``. Infinite over epochs;
-    ``state_dict()`` is the position after the last batch handed out (prefetched batches don't count)."""
+    ``state_dict()`` is the position after the last batch handed out (prefetched batches don't count).
+    ``eval_fraction`` and ``split``: the documents it reads (see the module's docstring)."""
 
     def __init__(self, dataset_dir, seq_len: int, batch_size: int, *, rank=0, world_size=1, seed=0,
-                 shuffle_buffer=1024, prefetch=2):
+                 shuffle_buffer=1024, prefetch=2, eval_fraction=0.0, split="train"):
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("world_size", world_size),
                             ("shuffle_buffer", shuffle_buffer)):
             check_positive_int(name, value)
@@ -95,6 +127,8 @@ class PackedLoader:
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
             fail("prefetch", "an int >= 0", repr(prefetch))
         self.dataset = TokenDataset(dataset_dir)
+        self.eval_fraction, self.split = eval_fraction, split
+        self.documents = split_documents_of(self.dataset, eval_fraction, split)
         self.seq_len, self.batch_size, self.rank, self.world_size = seq_len, batch_size, rank, world_size
         self.seed, self.shuffle_buffer, self.prefetch = seed, shuffle_buffer, prefetch
         self.vocab_size, self.eod_id, self.pad_id = self.dataset.vocab_size, self.dataset.eod_id, self.dataset.pad_id
@@ -106,14 +140,14 @@ class PackedLoader:
         from bbm.data.build import prepare
 
         return cls(prepare(cfg), seq_len, batch_size, shuffle_buffer=cfg.shuffle_buffer, prefetch=cfg.prefetch,
-                   **kwargs)
+                   eval_fraction=cfg.eval_fraction, **kwargs)
 
     @property
     def epoch(self) -> int:
         return self._position["epoch"]
 
     def __iter__(self):
-        cursor = _Cursor(self.dataset, self.seq_len, self.shuffle_buffer, self.seed, self._position)
+        cursor = _Cursor(self.dataset, self.documents, self.seq_len, self.shuffle_buffer, self.seed, self._position)
         batches = self._batches(cursor)
         if self.prefetch:
             batches = _prefetched(batches, self.prefetch)
@@ -136,13 +170,16 @@ class PackedLoader:
 
     def state_dict(self) -> dict:
         return dict(self._position, seed=self.seed, seq_len=self.seq_len, shuffle_buffer=self.shuffle_buffer,
-                    dataset=self.dataset.meta["key"])
+                    dataset=self.dataset.meta["key"], eval_fraction=self.eval_fraction, split=self.split)
 
     def load_state_dict(self, state: dict):
-        """Restores the position and seed; iterators created afterwards continue from there."""
+        """Restores the position and seed; iterators created afterwards continue from there. A state without
+        ``eval_fraction`` and ``split`` (saved before documents were held out) read every document."""
         if not isinstance(state, dict) or set(STATE_KEYS) - set(state):
             fail("state", f"a dict with keys {list(STATE_KEYS)}", repr(state))
-        mine = {"seq_len": self.seq_len, "shuffle_buffer": self.shuffle_buffer, "dataset": self.dataset.meta["key"]}
+        state = {"eval_fraction": 0.0, "split": "train", **state}
+        mine = {"seq_len": self.seq_len, "shuffle_buffer": self.shuffle_buffer, "dataset": self.dataset.meta["key"],
+                "eval_fraction": self.eval_fraction, "split": self.split}
         for key, value in mine.items():
             if state[key] != value:
                 fail(f"state[{key!r}]", f"{value!r} as in this loader", repr(state[key]))

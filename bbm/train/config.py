@@ -1,7 +1,11 @@
-"""Training configuration: YAML -> typed dataclasses, with ``key.sub=value`` command-line overrides.
+"""Training configuration: YAML -> typed dataclasses, with ``section.key=value`` command-line overrides.
 
-Unknown keys and values of the wrong type are errors that name the dotted key."""
+Every key is a ``setting`` (``bbm._config``): its default, its meaning (``train.py --help``) and its bounds live in
+one place. Unknown keys, values of the wrong type or out of bounds, and YAML syntax errors are one-line errors that
+name the dotted key (or the file and line); an unknown key gets the nearest known ones as suggestions. No torch
+here: train.py checks a config before it imports torch or DeepSpeed."""
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -12,75 +16,101 @@ from typing import List, Optional, Tuple
 import yaml
 
 from bbm._checks import fail
-from bbm.data import DataConfig
-from bbm.distributed.ulysses import kv_replication
-from bbm.model import ModelConfig
+from bbm._config import check_fields, describe, setting
+from bbm.data.config import DataConfig
+from bbm.model.config import ModelConfig
 
 FLOAT_LITERAL = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")  # PyYAML reads "3e-4" as a string
+PACKAGE = Path(__file__).resolve().parents[1]
+# presets: configs/ of a source checkout, or bbm/configs of an installed package (setup.py maps one onto the other)
+PRESET_DIRS = (PACKAGE.parent / "configs", PACKAGE / "configs")
 
 
 @dataclass
 class RunConfig:
-    dir: Optional[str] = None  # None: runs/<config file stem>
-    seed: int = 0
-    max_steps: int = 100  # optimizer steps
-    seq_len: int = 2048
-    micro_batch_size: int = 1  # sequences per rank per micro-step
-    device: str = "auto"  # auto (cuda if available) | cuda | cpu
-    on_nonfinite: str = "stop"  # stop | skip (drop the micro-batch and take the next one)
-    max_skips: int = 10  # consecutive non-finite micro-batches tolerated when skipping
+    """run: length, shapes, device and directory of the run"""
+    dir: Optional[str] = setting(None, "run directory (metrics, checkpoints, config.yaml, train.log); "
+                                       "null: runs/<config file stem>")
+    seed: int = setting(0, "seed of the weights' init and of the data order", within="[0, inf)")
+    max_steps: int = setting(100, "optimizer steps", within="[1, inf)")
+    seq_len: int = setting(2048, "tokens per packed sequence", within="[1, inf)")
+    micro_batch_size: int = setting(1, "sequences per rank per micro-step", within="[1, inf)")
+    device: str = setting("auto", "auto: cuda if available", choices=("auto", "cuda", "cpu"))
+    on_nonfinite: str = setting("stop", "a non-finite loss or gradient: stop, or skip (drop the micro-batch and "
+                                        "take the next one)", choices=("stop", "skip"))
+    max_skips: int = setting(10, "consecutive non-finite micro-batches tolerated when skipping", within="[1, inf)")
 
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 3e-4
-    betas: Tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.1
+    """optimizer: AdamW"""
+    lr: float = setting(3e-4, "peak learning rate", within="(0, inf)")
+    betas: Tuple[float, float] = setting((0.9, 0.95), "Adam betas", within="[0, 1)")
+    eps: float = setting(1e-8, "Adam epsilon", within="(0, inf)")
+    weight_decay: float = setting(0.1, "decoupled weight decay (matrices only)", within="[0, inf)")
 
 
 @dataclass
 class ScheduleConfig:
-    kind: str = "cosine"  # cosine | linear | constant (after warmup)
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine, linear)
+    """schedule: learning rate over the steps"""
+    kind: str = setting("cosine", "decay after the warmup", choices=("cosine", "linear", "constant"))
+    warmup_steps: int = setting(0, "linear warmup from 0", within="[0, inf)")
+    min_lr_ratio: float = setting(0.1, "final lr = lr * min_lr_ratio (cosine, linear)", within="[0, 1]")
 
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 0  # 0-3
-    bf16: bool = False
-    gradient_accumulation_steps: int = 1
-    gradient_clipping: float = 1.0  # 0: off
-    activation_checkpointing: bool = False  # recompute each decoder block in the backward pass
-    sequence_parallel_size: int = 1  # Ulysses: ranks that split each sequence (world = data parallel x this)
-    extra: dict = field(default_factory=dict)  # merged last into the DeepSpeed config dict
+    """deepspeed: the engine's settings (the DeepSpeed config dict is built from them)"""
+    zero_stage: int = setting(0, "ZeRO stage", choices=(0, 1, 2, 3))
+    bf16: bool = setting(False, "bf16 weights and activations (fp32 master weights)")
+    gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step", within="[1, inf)")
+    gradient_clipping: float = setting(1.0, "max gradient 2-norm; 0: off", within="[0, inf)")
+    activation_checkpointing: bool = setting(False, "recompute each decoder block in the backward pass")
+    sequence_parallel_size: int = setting(1, "Ulysses: ranks that split each sequence (world = data parallel x "
+                                             "this)", within="[1, inf)")
+    extra: dict = setting({}, "merged last into the DeepSpeed config dict")
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # optimizer steps between saves; 0: only at the end and on SIGTERM/SIGINT
-    keep_last: int = 2
-    resume: str = "auto"  # auto (newest complete checkpoint of the run, if any) | none | <checkpoint dir>
-    at_end: bool = True  # save when the run ends (benchmarks turn it off)
+    """checkpoint: saving and resuming"""
+    every: int = setting(0, "optimizer steps between saves; 0: only at the end and on SIGTERM/SIGINT",
+                         within="[0, inf)")
+    keep_last: int = setting(2, "complete checkpoints kept", within="[1, inf)")
+    resume: str = setting("auto", "auto (newest complete checkpoint of the run, if any) | none | <checkpoint dir>")
+    at_end: bool = setting(True, "save when the run ends")
 
 
 @dataclass
 class MetricsConfig:
-    log_every: int = 10
-    gain_every: int = 100  # steps between timings of the chosen attention vs dense causal SDPA; 0: never
-    peak_tflops: Optional[float] = None  # per device, for MFU; None: known GPUs, else MFU is not reported
-    progress_bar: bool = True
-    profile_steps: Optional[Tuple[int, int]] = None  # [first, last] optimizer steps traced into <run dir>/profile
+    """metrics: the log line, metrics.jsonl, W&B and the dashboard"""
+    log_every: int = setting(10, "optimizer steps between log lines / metrics records", within="[1, inf)")
+    gain_every: int = setting(100, "steps between timings of the chosen attention vs dense causal SDPA; 0: never",
+                              within="[0, inf)")
+    peak_tflops: Optional[float] = setting(None, "per device, for MFU; null: known GPUs, else MFU is not reported",
+                                           within="(0, inf)")
+    progress_bar: bool = setting(True, "a tqdm bar when stdout is a terminal")
+    profile_steps: Optional[Tuple[int, int]] = setting(None, "[first, last] optimizer steps traced into "
+                                                             "<run dir>/profile", within="[1, inf)")
+
+
+@dataclass
+class EvalConfig:
+    """eval: loss on documents held out of training (data.eval_fraction), packed and masked as in training"""
+    every: int = setting(200, "optimizer steps between evaluations, and one at the end; 0: none", within="[0, inf)")
+    tokens: int = setting(65536, "held-out tokens per evaluation (whole micro-batches, the same ones each time)",
+                          within="[1, inf)")
 
 
 @dataclass
 class WandbConfig:
-    mode: str = "auto"  # auto (WANDB_MODE, else online with an API key, else offline) | online | offline | disabled
-    project: str = "bbm"
-    entity: Optional[str] = None
-    name: Optional[str] = None  # None: the run directory's name
-    tags: List[str] = field(default_factory=list)
+    """wandb: Weights & Biases"""
+    mode: str = setting("auto", "auto: WANDB_MODE, else online with an API key, else offline",
+                        choices=("auto", "online", "offline", "disabled"))
+    project: str = setting("bbm", "W&B project")
+    entity: Optional[str] = setting(None, "W&B entity (team or user)")
+    name: Optional[str] = setting(None, "run name; null: the run directory's name")
+    tags: List[str] = setting([], "run tags")
 
 
 @dataclass
@@ -93,38 +123,21 @@ class TrainConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def validate(self):
+        """Each key against its bounds (the data section checks itself when built), then the rules between keys."""
         r = self
-        positive = {"run.max_steps": r.run.max_steps, "run.seq_len": r.run.seq_len,
-                    "run.micro_batch_size": r.run.micro_batch_size, "run.max_skips": r.run.max_skips,
-                    "deepspeed.gradient_accumulation_steps": r.deepspeed.gradient_accumulation_steps,
-                    "deepspeed.sequence_parallel_size": r.deepspeed.sequence_parallel_size,
-                    "checkpoint.keep_last": r.checkpoint.keep_last, "metrics.log_every": r.metrics.log_every,
-                    "optimizer.lr": r.optimizer.lr, "optimizer.eps": r.optimizer.eps}
-        for key, value in positive.items():
-            if value <= 0:
-                fail(key, "a positive number", value)
-        non_negative = {"optimizer.weight_decay": r.optimizer.weight_decay, "schedule.warmup_steps": r.schedule.warmup_steps,
-                        "deepspeed.gradient_clipping": r.deepspeed.gradient_clipping, "checkpoint.every": r.checkpoint.every,
-                        "metrics.gain_every": r.metrics.gain_every, "run.seed": r.run.seed}
-        for key, value in non_negative.items():
-            if value < 0:
-                fail(key, "a number >= 0", value)
-        _choice("run.device", r.run.device, ("auto", "cuda", "cpu"))
-        _choice("run.on_nonfinite", r.run.on_nonfinite, ("stop", "skip"))
-        _choice("schedule.kind", r.schedule.kind, ("cosine", "linear", "constant"))
-        _choice("wandb.mode", r.wandb.mode, ("auto", "online", "offline", "disabled"))
-        _choice("deepspeed.zero_stage", r.deepspeed.zero_stage, (0, 1, 2, 3))
-        if not 0 <= r.schedule.min_lr_ratio <= 1:
-            fail("schedule.min_lr_ratio", "a float in [0, 1]", r.schedule.min_lr_ratio)
-        if not all(0 <= b < 1 for b in r.optimizer.betas):
-            fail("optimizer.betas", "two floats in [0, 1)", list(r.optimizer.betas))
+        for f in dataclasses.fields(self):
+            if f.name == "model":
+                r.model.validate("model")
+            elif f.name != "data":
+                check_fields(getattr(self, f.name), f.name)
         sp = r.deepspeed.sequence_parallel_size
-        if sp < 1:
-            fail("deepspeed.sequence_parallel_size", "an int >= 1", sp)
         if sp > 1:  # Ulysses splits the heads and the sequence over sp ranks (the world size is checked at start)
+            from bbm.distributed.ulysses import kv_replication  # imports torch: only sequence-parallel configs
+
             try:
                 kv_replication(r.model.n_heads, r.model.kv_heads, sp)
             except ValueError as e:
@@ -132,19 +145,17 @@ class TrainConfig:
             if r.run.seq_len % sp:
                 fail("run.seq_len", f"a multiple of deepspeed.sequence_parallel_size={sp}", r.run.seq_len)
         profiled = r.metrics.profile_steps
-        if profiled is not None and not 1 <= profiled[0] <= profiled[1]:
+        if profiled is not None and profiled[0] > profiled[1]:
             fail("metrics.profile_steps", "[first, last] steps with 1 <= first <= last", list(profiled))
-        if r.metrics.peak_tflops is not None and r.metrics.peak_tflops <= 0:
-            fail("metrics.peak_tflops", "a positive float or null", r.metrics.peak_tflops)
+        if r.eval.every and not r.data.eval_fraction:
+            fail("eval.every", "0 when data.eval_fraction is 0 (no documents are held out to evaluate on)",
+                 r.eval.every)
         if r.checkpoint.resume not in ("auto", "none") and not Path(r.checkpoint.resume).is_dir():
             fail("checkpoint.resume", "'auto', 'none' or an existing checkpoint directory", repr(r.checkpoint.resume))
-        r.model.validate("model")
         return self
 
 
-def _choice(key, value, allowed):
-    if value not in allowed:
-        fail(key, f"one of {allowed}", repr(value))
+SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 
 
 def _coerce(key: str, tp, value):
@@ -193,10 +204,25 @@ def _build(cls, values, prefix: str = ""):
     names = [f.name for f in dataclasses.fields(cls)]
     for key in values:
         if key not in names:
-            fail(f"{prefix}.{key}" if prefix else str(key), f"a known key of '{where}' ({', '.join(names)})",
-                 "an unknown key")
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            known = f"a known key of {prefix!r}" if prefix else "a section name"
+            fail(dotted, f"{known} ({suggest(str(key), names, prefix, values[key])})", "an unknown key")
     kwargs = {k: _coerce(f"{prefix}.{k}" if prefix else k, hints[k], v) for k, v in values.items()}
     return cls(**kwargs)
+
+
+def suggest(key: str, names: list, prefix: str, value) -> str:
+    """'did you mean ...' for an unknown ``key`` among ``names``; at the top level, also the sections that have a
+    key of that name (``max_steps`` -> run.max_steps)."""
+    if not prefix:
+        owners = [s for s, cls in SECTIONS.items() if key in {f.name for f in dataclasses.fields(cls)}]
+        if owners:
+            forms = " or ".join(f"{s}.{key}" for s in owners)
+            example = f"{owners[0]}.{key}={flow(value)}"
+            return f"did you mean {forms}? keys sit under their section: {example} on the command line"
+    close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+    dotted = [f"{prefix}.{c}" if prefix else c for c in close]
+    return f"did you mean {' or '.join(dotted)}?" if close else f"one of {', '.join(names)}"
 
 
 def parse_override(text: str):
@@ -206,7 +232,10 @@ def parse_override(text: str):
     key, raw = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         fail("override", "a dotted key before '=' (e.g. optimizer.lr=1e-3)", repr(text))
-    return key.split("."), yaml.safe_load(raw) if raw else ""
+    try:
+        return key.split("."), yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as e:
+        fail(key, "a YAML value", f"{raw!r} ({getattr(e, 'problem', None) or e})")
 
 
 def apply_override(tree: dict, path, value):
@@ -220,28 +249,71 @@ def apply_override(tree: dict, path, value):
     node[path[-1]] = value
 
 
+def presets() -> dict:
+    """Preset name -> its YAML file, from the first preset directory that exists."""
+    folder = next((d for d in PRESET_DIRS if d.is_dir()), None)
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder else {}
+
+
+def find_config(spec) -> Path:
+    """A YAML path, or the name of a preset (``tiny_cpu``)."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    known = presets()
+    if str(spec) in known:
+        return known[str(spec)]
+    fail("--config", f"an existing YAML file or a preset name ({', '.join(known) or 'none found'})", str(spec),
+         FileNotFoundError)
+
+
+def read_yaml(path: Path) -> dict:
+    """A config file's mapping; a syntax error is one line naming the file, line and column."""
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ValueError(f"{where}: expected valid YAML, got {problem}") from None
+    if tree is not None and not isinstance(tree, dict):
+        fail(str(path), "a YAML mapping at the top level", type(tree).__name__, TypeError)
+    return tree or {}
+
+
 def load_config(path=None, overrides=()) -> TrainConfig:
-    """Reads a YAML file (optional), applies ``key=value`` overrides, builds and validates the config."""
+    """Reads a YAML file or preset (optional), applies ``key=value`` overrides, builds and validates the config."""
     tree = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            fail("--config", "an existing YAML file", str(path), FileNotFoundError)
-        tree = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(tree, dict):
-            fail(str(path), "a YAML mapping at the top level", type(tree).__name__, TypeError)
+        path = find_config(path)
+        tree = read_yaml(path)
     for text in overrides:
         apply_override(tree, *parse_override(text))
-    cfg = _build(TrainConfig, tree)
+    cfg = from_dict(tree)
     if cfg.run.dir is None:
         cfg.run.dir = str(Path("runs") / (path.stem if path is not None else "default"))
     return cfg.validate()
 
 
+def from_dict(tree: dict) -> TrainConfig:
+    """A config from a nested mapping (each key checked for its type), before ``validate``."""
+    return _build(TrainConfig, tree)
+
+
 def to_dict(cfg) -> dict:
     """Plain nested dict (YAML-safe) of a config."""
     out = dataclasses.asdict(cfg)
-    return yaml.safe_load(yaml.safe_dump(_plain(out)))
+    return yaml.safe_load(yaml.safe_dump(_plain(out), sort_keys=False))
+
+
+def to_yaml(cfg) -> str:
+    """The config as YAML, sections and keys in their declared order; ``load_config`` reads it back."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flow(value) -> str:
+    """A value as one line of YAML, as an override writes it (``[0.9, 0.95]``, ``null``)."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def _plain(x):
@@ -250,3 +322,14 @@ def _plain(x):
     if isinstance(x, (list, tuple)):
         return [_plain(v) for v in x]
     return x
+
+
+def keys_help() -> str:
+    """Every section and key with its default and meaning, for ``train.py --help``."""
+    lines = []
+    for name, cls in SECTIONS.items():
+        lines.append(f"{name}:  {(cls.__doc__ or '').split(':', 1)[-1].strip()}")
+        defaults = to_dict(cls())
+        for f in dataclasses.fields(cls):
+            lines.append(f"  {name}.{f.name}={flow(defaults[f.name])}".ljust(40) + f"  {describe(f)}")
+    return "\n".join(lines)

@@ -15,12 +15,13 @@ from bbm._checks import fail
 
 
 def deepspeed_types() -> list:
-    """The DeepSpeed classes that its checkpoints of ZeRO stages 0-3 (fp32 and bf16) hold besides plain data."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    """The DeepSpeed classes that its checkpoints of ZeRO stages 0-3 (fp32, bf16; a dynamic loss scale with fp16)
+    hold besides plain data."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [ZeroStageEnum, LossScaler, fragment_address]
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 def load(path, map_location="cpu", allowed=()):

@@ -1,4 +1,5 @@
-"""Where metrics go: ``metrics.jsonl`` in the run directory (always) and Weights & Biases (rank 0).
+"""Where metrics go (rank 0): a plain log line on stdout and in ``train.log``, ``metrics.jsonl`` in the run
+directory, and Weights & Biases.
 
 A W&B failure (no network at init, a connection reset at a log or at the finish) never stops the run or the
 local metrics: it is reported in one line and W&B is dropped for the rest of the run."""
@@ -6,13 +7,76 @@ import json
 import math
 import os
 import secrets
+import sys
 from pathlib import Path
 from typing import Optional
 
 from bbm._files import write_atomic
 
 METRICS_FILE = "metrics.jsonl"
+LOG_FILE = "train.log"
+CONFIG_FILE = "config.yaml"  # the resolved config of the run
 WANDB_ID_FILE = "wandb_id"
+
+
+def duration(seconds: float) -> str:
+    """``2h05m``, ``3m07s``, ``42s``."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def log_line(record: dict, max_steps: int, eta_s: Optional[float]) -> str:
+    """The training line of a metrics record: step/max, loss, lr, grad norm, tokens/s, step time, MFU ('-' where no
+    peak is known), peak memory and the time left."""
+    def number(key, fmt):
+        value = record.get(key)
+        return "-" if value is None or not math.isfinite(value) else format(value, fmt)
+
+    mfu = record.get("mfu")
+    width = len(str(max_steps))
+    return (f"step {record['step']:>{width}}/{max_steps} | loss {number('loss', '.4f')} | lr {number('lr', '.2e')} | "
+            f"grad norm {number('grad_norm', '.3f')} | {number('tokens_per_s', ',.0f')} tok/s | "
+            f"{record['step_time_s'] * 1e3:,.0f} ms/step | MFU {'-' if mfu is None else f'{mfu:.1%}'} | "
+            f"peak mem {number('peak_mem_gib', '.2f')} GiB | ETA {'-' if eta_s is None else duration(eta_s)}")
+
+
+def eval_line(record: dict, max_steps: int) -> str:
+    """The evaluation line: held-out loss and perplexity."""
+    width = len(str(max_steps))
+    return (f"eval {record['step']:>{width}}/{max_steps} | eval loss {record['eval_loss']:.4f} | "
+            f"eval ppl {record['eval_ppl']:.2f} | {record['eval_tokens']:,} held-out tokens | "
+            f"{record['eval_time_s']:.1f} s")
+
+
+class RunLog:
+    """Rank 0's lines: on stdout (above the progress bar while one is drawn) and appended to <run dir>/train.log.
+    Other ranks print nothing."""
+
+    def __init__(self, run_dir, enabled: bool):
+        self.path = Path(run_dir) / LOG_FILE
+        self.enabled = enabled
+        self.bar = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def clear(self):
+        """Empties train.log: a run that starts from step 0 begins a new log (as it begins a new metrics.jsonl)."""
+        if self.enabled:
+            self.path.write_text("")
+
+    def line(self, text: str):
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stdout)
+        else:
+            print(text, flush=True)
+        with open(self.path, "a") as f:
+            f.write(text + "\n")
 
 
 def wandb_mode(mode: str) -> str:
@@ -37,13 +101,15 @@ def read_metrics(run_dir) -> list:
 
 
 class MetricsSink:
-    """Rank 0 only. ``start_step``: records after it (from a run that was resumed earlier) are dropped."""
+    """Rank 0 only. ``start_step``: records after it (from a run that was resumed earlier) are dropped;
+    ``elapsed_s`` is the training wall time of the records kept (a resumed run's clock continues from it)."""
 
     def __init__(self, run_dir, wandb_cfg, config: dict, start_step: int):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / METRICS_FILE
         kept = [r for r in read_metrics(self.run_dir) if r.get("step", 0) <= start_step]
+        self.elapsed_s = (kept[-1].get("elapsed_s") or 0.0) if kept else 0.0
         write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.file = open(self.path, "a")
         self.wandb = None

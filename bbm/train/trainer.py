@@ -1,10 +1,12 @@
-"""The training loop on a DeepSpeed engine: packed batches with one attention mask per micro-batch, metrics
-(metrics.jsonl, W&B, progress bar), crash-safe checkpoints, SIGTERM/SIGINT save-and-exit."""
+"""The training loop on a DeepSpeed engine: packed batches with one attention mask per micro-batch, evaluation on
+held-out documents, metrics (a log line on stdout and in train.log, metrics.jsonl, W&B, a progress bar on a
+terminal), the resolved config in config.yaml, crash-safe checkpoints, SIGTERM/SIGINT save-and-exit."""
 import dataclasses
 import logging
 import math
 import random
 import resource
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -16,20 +18,22 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from bbm._checks import fail
-from bbm.distributed import ParallelGroups, UlyssesAttention, sequence_parallel_loss, shard_batch
+from bbm._files import write_atomic
 from bbm._tensors import to_device
+from bbm.data import IGNORE_INDEX
+from bbm.distributed import ParallelGroups, UlyssesAttention, sequence_parallel_loss, shard_batch
 from bbm.model import Decoder, attend, build_mask
 from bbm.model.decoder import Block
 from bbm.train import checkpoint as ckpt
 from bbm.train import feasibility, resume
-from bbm.train.config import TrainConfig, to_dict
+from bbm.train.config import TrainConfig, to_dict, to_yaml
 from bbm.train.ds_config import deepspeed_config
 from bbm.train.env import init_distributed
 from bbm.train.flops import attention_gain, dense_pairs, peak_tflops, step_flops
 from bbm.train.optim import apply_hyperparameters, build_optimizer, build_schedule
 from bbm.train.profiling import StepProfiler
 from bbm.train.run_lock import RunLock
-from bbm.train.sink import METRICS_FILE, MetricsSink, read_metrics
+from bbm.train.sink import CONFIG_FILE, LOG_FILE, METRICS_FILE, MetricsSink, RunLog, eval_line, log_line, read_metrics
 from bbm.train.stop import StopSignal, exit_code
 
 
@@ -68,12 +72,15 @@ def peak_memory_gib(device) -> float:
 
 class Trainer:
     """``Trainer(cfg).train()``. ``loader`` (optional) replaces the data section's PackedLoader: any
-    iterable of batch dicts with ``vocab_size``, ``state_dict()`` and ``load_state_dict()``."""
+    iterable of batch dicts with ``vocab_size``, ``state_dict()`` and ``load_state_dict()``; such a run evaluates
+    only on ``eval_batches`` (a list of batch dicts), if given."""
 
-    def __init__(self, cfg: TrainConfig, loader=None, local_rank: Optional[int] = None):
+    def __init__(self, cfg: TrainConfig, loader=None, local_rank: Optional[int] = None, eval_batches=None):
         self.cfg = cfg
         self.env = init_distributed(cfg.run.device, local_rank)
         self.run_dir = Path(cfg.run.dir)
+        self.eval_batches = eval_batches or []
+        self.log = RunLog(self.run_dir, self.env.is_main)
         self.lock = self._lock_run_dir()
         try:
             self._setup(loader)
@@ -131,9 +138,14 @@ class Trainer:
         dist.barrier()
         path = prepare(cfg.data)
         # every rank of a sequence-parallel group reads the same packed samples
-        return PackedLoader(path, cfg.run.seq_len, cfg.run.micro_batch_size, rank=self.groups.dp_rank,
-                            world_size=self.groups.dp_size, seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                            prefetch=cfg.data.prefetch)
+        shape = dict(seq_len=cfg.run.seq_len, batch_size=cfg.run.micro_batch_size, rank=self.groups.dp_rank,
+                     world_size=self.groups.dp_size, seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                     eval_fraction=cfg.data.eval_fraction)
+        if cfg.eval.every:  # the same held-out batches at every evaluation, this rank's share of each
+            held_out = iter(PackedLoader(path, split="eval", prefetch=0, **shape))
+            per_batch = cfg.run.seq_len * cfg.run.micro_batch_size * self.groups.dp_size
+            self.eval_batches = [next(held_out) for _ in range(math.ceil(cfg.eval.tokens / per_batch))]
+        return PackedLoader(path, prefetch=cfg.data.prefetch, **shape)
 
     def _lock_run_dir(self) -> Optional[RunLock]:
         """Rank 0 locks the run directory for the run's life; a run directory in use stops every rank."""
@@ -182,8 +194,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
     def _print(self, text: str):
-        if self.env.is_main:
-            print(text, flush=True)
+        self.log.line(text)
 
     def _any_rank(self, flag: bool) -> bool:
         """True if ``flag`` holds on any rank (one tiny all-reduce)."""
@@ -197,6 +208,19 @@ class Trainer:
         """What the model reads of a loader batch, on the device; the document ids go in the mask instead."""
         return {k: to_device(v, self.env.device) for k, v in batch.items() if k != "doc_ids"}
 
+    def _device_batch(self, host: dict):
+        """A loader batch on the device (this rank's share of it, with sequence parallelism) and its mask."""
+        batch = self._to_device(host)
+        # whole sequence, every layer; from the host's ids, whose document spans the FLOP count and bbm's document
+        # plans read without a device sync
+        mc = self.model_cfg
+        batch_mask = build_mask(host["doc_ids"], mc.attention, mc.bbm_backend, check=False, device=self.env.device,
+                                layer_windows=mc.layer_windows(), prefix_fraction=mc.prefix_fraction)  # ids are runs
+        batch["labels"] = batch_mask.hide_prefix_labels(batch["labels"])
+        if self.sp > 1:
+            batch = shard_batch(batch, self.groups.sp_rank, self.sp)
+        return batch, batch_mask
+
     def _forward(self, batches, skipped: list):
         """Loss of the next micro-batch, with the batch, its mask and its allowed pairs (counted on the host). With
         run.on_nonfinite=skip, one with a finite loss on every rank: a non-finite one is dropped and replaced by the
@@ -206,17 +230,8 @@ class Trainer:
         while True:
             with record_function("bbm.batch"):  # profiler annotations name the step's phases
                 host = next(batches)
-                batch = self._to_device(host)
-                # whole sequence, every layer; from the host's ids, whose document spans the FLOP count and bbm's
-                # document plans read without a device sync
-                mc = self.model_cfg
-                batch_mask = build_mask(host["doc_ids"], mc.attention, mc.bbm_backend, check=False,
-                                        device=self.env.device, layer_windows=mc.layer_windows(),
-                                        prefix_fraction=mc.prefix_fraction)  # the loader's ids are runs
-                batch["labels"] = batch_mask.hide_prefix_labels(batch["labels"])
+                batch, batch_mask = self._device_batch(host)
                 pairs = batch_mask.allowed_pairs()
-                if self.sp > 1:
-                    batch = shard_batch(batch, self.groups.sp_rank, self.sp)
             with record_function("bbm.forward"):
                 loss = self.engine(batch["tokens"], batch["position_ids"], batch_mask, batch["labels"])
                 if self.sp > 1:  # this rank's share of the whole sequence's mean loss
@@ -305,8 +320,29 @@ class Trainer:
             "tflops": tflops, "mfu": tflops / self.peak if self.peak else None,
             "tflops_dense_convention": tflops_dense, "mfu_dense_convention": tflops_dense / self.peak if self.peak else None,
             "attention_density": pairs / (tokens * n), "peak_mem_gib": peak_memory_gib(env.device),
-            "skipped_batches": interval.skipped, "attention": self.model_cfg.attention,
+            "skipped_batches": interval.skipped, "attention": self.model_cfg.attention, "device": env.device.type,
         }
+
+    def _evaluate(self) -> dict:
+        """Loss per target token on the held-out batches (the same ones each time; collective), its perplexity, the
+        tokens it covers and its wall time."""
+        start = time.perf_counter()
+        sums = torch.zeros(2, dtype=torch.float64, device=self.env.device)  # loss sum, target tokens
+        self.engine.eval()
+        with torch.no_grad():
+            for host in self.eval_batches:
+                batch, batch_mask = self._device_batch(host)
+                targets = (batch["labels"] != IGNORE_INDEX).sum().double()
+                loss = self.engine(batch["tokens"], batch["position_ids"], batch_mask, batch["labels"])
+                sums += torch.stack([loss.double() * targets, targets])  # this rank's shard: mean * its targets
+        self.engine.train()
+        if self.env.world_size > 1:
+            dist.all_reduce(sums)
+        loss_sum, targets = sums.tolist()
+        loss = loss_sum / max(targets, 1)
+        tokens = len(self.eval_batches) * self.cfg.run.seq_len * self.cfg.run.micro_batch_size * self.groups.dp_size
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "eval_tokens": tokens,
+                "eval_time_s": time.perf_counter() - start}
 
     def _gain(self) -> dict:
         """Rank 0 times the chosen attention against dense causal SDPA on the last micro-batch's mask."""
@@ -345,19 +381,25 @@ class Trainer:
 
     def _train(self) -> dict:
         cfg, env = self.cfg, self.env
+        if self.start_step == 0:
+            self.log.clear()
         self._print(self._banner())
         self._check_fits()
+        if env.is_main:  # the resolved config (the tokenizer's vocabulary filled in): --config it to run it again
+            write_atomic(self.run_dir / CONFIG_FILE, to_yaml(dataclasses.replace(cfg, model=self.model_cfg)))
         sink = MetricsSink(self.run_dir, cfg.wandb, to_dict(cfg), self.start_step) if env.is_main else None
         bar = None
-        if env.is_main and cfg.metrics.progress_bar:
+        if env.is_main and cfg.metrics.progress_bar and sys.stdout.isatty():
             from tqdm import tqdm
-            bar = tqdm(total=cfg.run.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+            bar = self.log.bar = tqdm(total=cfg.run.max_steps, initial=self.step, desc="train", unit="step",
+                                      dynamic_ncols=True, leave=False)
         stop = StopSignal()
         stop.install()
         profiler = StepProfiler(cfg.metrics.profile_steps, self.run_dir, env.rank, env.device)
         batches = iter(self.loader)
         interval = Interval(env.device)
-        first = last = None
+        started = time.perf_counter()
+        first = last = last_eval = None
         stopped = False
         try:
             while self.step < cfg.run.max_steps:
@@ -365,25 +407,38 @@ class Trainer:
                     stopped = True
                     break
                 profiler.before_step(self.step + 1)
-                started = time.perf_counter()
+                step_start = time.perf_counter()
                 self._train_step(batches, interval)
-                stop.step_took(time.perf_counter() - started)
+                stop.step_took(time.perf_counter() - step_start)
                 self.step += 1
                 profiler.after_step(self.step)
                 self.tokens_seen += self.tokens_per_step
                 if bar is not None:
                     bar.update(1)
+                final = self.step == cfg.run.max_steps
                 gain_due = cfg.metrics.gain_every and self.step % cfg.metrics.gain_every == 0
-                log_due = self.step % cfg.metrics.log_every == 0 or self.step in (self.start_step + 1, cfg.run.max_steps)
-                if log_due or gain_due:
-                    elapsed = interval.elapsed()
-                    record = self._record(interval, elapsed)
+                eval_due = bool(self.eval_batches and cfg.eval.every) and (self.step % cfg.eval.every == 0 or final)
+                log_due = self.step % cfg.metrics.log_every == 0 or self.step == self.start_step + 1 or final
+                if log_due or gain_due or eval_due:
+                    record = self._record(interval, interval.elapsed())
                     if gain_due:
                         record.update(self._gain())
+                    if eval_due:
+                        record.update(self._evaluate())
                     if sink is not None:
+                        now = time.perf_counter() - started
+                        record["elapsed_s"] = sink.elapsed_s + now
+                        if self.start_step and first is None:
+                            record["resumed_at"] = self.start_step  # the dashboard marks where the run resumed
                         sink.log(record)
-                        first = first or record
-                        last = record
+                        first, last = first or record, record
+                        # the latest interval's pace (the first step, with its warm-up, is no guide)
+                        warm = self.step > self.start_step + 1
+                        eta = record["step_time_s"] * (cfg.run.max_steps - self.step) if warm else None
+                        self._print(log_line(record, cfg.run.max_steps, eta))
+                        if eval_due:
+                            last_eval = record
+                            self._print(eval_line(record, cfg.run.max_steps))
                         if bar is not None:
                             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                     interval.reset()
@@ -399,10 +454,13 @@ class Trainer:
             profiler.close()
             if bar is not None:
                 bar.close()
+                self.log.bar = None
         if self.saved_step != self.step and (cfg.checkpoint.at_end or stopped):
             self.save()
         summary = {"step": self.step, "stopped": stopped, "exit_code": exit_code(stop.signum if stopped else None),
-                   "run_dir": str(self.run_dir), "checkpoint": str(self.last_checkpoint), "first": first, "last": last}
+                   "run_dir": str(self.run_dir),
+                   "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None, "first": first,
+                   "last": last, "last_eval": last_eval}
         if sink is not None:
             summary["wandb_dir"] = str(sink.wandb_dir) if sink.wandb_dir else None
             sink.close()
@@ -417,21 +475,35 @@ class Trainer:
     def _banner(self) -> str:
         cfg, env, mc = self.cfg, self.env, self.model_cfg
         ds = cfg.deepspeed
+        held_out = (f"eval every {cfg.eval.every} steps on {len(self.eval_batches)} held-out batches"
+                    if self.eval_batches else "no evaluation")
         return (f"bbm train: {self.matmul_params / 1e6:.2f}M params ({mc.n_layers} layers, dim {mc.dim}, "
                 f"{mc.n_heads}/{mc.kv_heads} heads), attention={mc.attention}, seq_len={cfg.run.seq_len}, "
                 f"{self.tokens_per_step} tokens/step, ZeRO-{ds.zero_stage}{', bf16' if ds.bf16 else ''}, "
-                f"{env.world_size} x {env.device.type}, steps {self.step} -> {cfg.run.max_steps}, run dir {self.run_dir}")
+                f"{env.world_size} x {env.device.type}, steps {self.step} -> {cfg.run.max_steps}, {held_out}, "
+                f"run dir {self.run_dir}")
 
     def _closing(self, summary: dict, signum) -> str:
-        first, last = summary["first"], summary["last"]
+        first, last, held_out = summary["first"], summary["last"], summary.get("last_eval")
+        run = self.run_dir
         head = (f"stopped by signal {signum} at step {self.step} (exit code {summary['exit_code']})" if summary["stopped"]
                 else f"finished at step {self.step}")
         if first and last:
             head += f"; loss {first['loss']:.3f} (step {first['step']}) -> {last['loss']:.3f} (step {last['step']})"
+        if held_out:
+            head += f"; eval loss {held_out['eval_loss']:.3f}, ppl {held_out['eval_ppl']:.2f} (step {held_out['step']})"
         lines = [f"bbm train: {head}",
-                 f"  metrics     {self.run_dir / METRICS_FILE}",
-                 f"  dashboard   {summary.get('dashboard')}   (redraw: python -m bbm.train.dashboard {self.run_dir})",
-                 f"  checkpoint  {summary['checkpoint']}   (checkpoint.resume=auto, the default, continues from it)"]
+                 f"  config      {run / CONFIG_FILE}   (the resolved config: --config it to run it again)",
+                 f"  log         {run / LOG_FILE}",
+                 f"  metrics     {run / METRICS_FILE}",
+                 f"  dashboard   {summary.get('dashboard')}   (redraw: python -m bbm.train.dashboard {run})"]
+        if summary["checkpoint"] is None:
+            lines.append("  checkpoint  none written (checkpoint.at_end=false, no checkpoint.every step reached)")
+        else:
+            lines += [f"  checkpoint  {summary['checkpoint']}   (checkpoint.resume=auto, the default, continues from it)",
+                      f"  generate    python -m bbm.generate {run} --prompt 'def '",
+                      f"  export      python -m bbm.export {run} {run / 'export'}   (safetensors + Hugging Face "
+                      f"LLaMA config.json)"]
         if summary.get("wandb_dir"):
             lines.append(f"  wandb       {summary['wandb_dir']}   (upload later: wandb sync {summary['wandb_dir']})")
         return "\n".join(lines)

@@ -72,7 +72,11 @@ def stop_and_resume(workdir: Path) -> dict:
     second = Trainer(tiny(workdir, "parts", [*extra, "checkpoint.resume=auto"]))
     resumed_at = second.step
     second.train()
-    return {"whole": losses(whole.run.dir), "parts": losses(parts.run.dir), "stopped": stopped, "resumed_at": resumed_at}
+    records = [json.loads(line) for line in (Path(parts.run.dir) / "metrics.jsonl").read_text().splitlines()]
+    return {"whole": losses(whole.run.dir), "parts": losses(parts.run.dir), "stopped": stopped, "resumed_at": resumed_at,
+            "markers": [(r["step"], r["resumed_at"]) for r in records if "resumed_at" in r],
+            "elapsed": [r["elapsed_s"] for r in records],
+            "log": (Path(parts.run.dir) / "train.log").read_text()}
 
 
 def poison_gradient(output):

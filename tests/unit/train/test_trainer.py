@@ -81,6 +81,11 @@ def test_stop_and_resume_reproduces_the_loss_curve_exactly(results):
     r = scenario(results, "resume")
     assert r["stopped"]["stopped"] and r["stopped"]["step"] == 3 and r["resumed_at"] == 3
     assert len(r["whole"]) == 6 and r["parts"] == r["whole"]  # bitwise: the same floats
+    # the dashboard's resume marker, a wall-clock that continues, one train.log for both parts
+    assert r["markers"] == [[4, 3]] and all(a < b for a, b in zip(r["elapsed"], r["elapsed"][1:]))
+    log = r["log"].splitlines()
+    assert [line.split("|")[0].strip() for line in log if line.startswith("step ")] == [f"step {i}/6" for i in range(1, 7)]
+    assert sum(line.startswith("resumed from ") for line in log) == 1
 
 
 @pytest.mark.parametrize("case, arg", [("loss_stop", "loss"), ("grad_stop", "grad_norm")])
