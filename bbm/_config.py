@@ -54,6 +54,8 @@ def check_fields(obj, prefix: str):
             continue
         kind = value_type(type(obj), f.name)
         for item in value if isinstance(value, (list, tuple)) else [value]:
+            if item is None:  # a list's null entries (e.g. a global layer's window)
+                continue
             if isinstance(item, bool) or not isinstance(item, int if kind is int else (int, float)):
                 fail(key, f"{'an int' if kind is int else 'a number'} in {within}", repr(item), TypeError)
             if not inside(item, within):

@@ -87,9 +87,10 @@ def write_json(path, payload):
 
 def training_overrides(steps: int, run_dir) -> list:
     """Config overrides of a timed training run: ``steps`` optimizer steps, a metrics record every step; no
-    progress bar, W&B or checkpoints."""
+    progress bar, W&B, evaluation or checkpoints."""
     return [f"run.max_steps={steps}", "metrics.log_every=1", "metrics.progress_bar=false", "wandb.mode=disabled",
-            "checkpoint.every=0", "checkpoint.at_end=false", "checkpoint.resume=none", f"run.dir={run_dir}"]
+            "eval.every=0", "checkpoint.every=0", "checkpoint.at_end=false", "checkpoint.resume=none",
+            f"run.dir={run_dir}"]
 
 
 def median_after(records, warmup: int, key: str):

@@ -34,7 +34,7 @@ class ModelConfig:
     windows: List[Optional[int]] = setting([], "attention windows of the layers, cycled over them: an int is a local "
                                            "layer (each token sees that many recent tokens of its document), null a "
                                            "global one (its whole document); e.g. [1024, null] alternates; []: all "
-                                           "global")
+                                           "global", within="[1, inf)")
     prefix_fraction: float = setting(0.0, "each document's first floor(fraction * length) tokens attend "
                                           "bidirectionally (prefix-LM); their leaked labels are ignored",
                                      within="[0, 1)")
@@ -47,10 +47,6 @@ class ModelConfig:
             fail(f"{prefix}.n_heads", "a head dim (dim / n_heads) that is even, for RoPE", f"head dim {self.head_dim}")
         if self.n_heads % self.kv_heads:
             fail(f"{prefix}.n_kv_heads", f"a divisor of n_heads={self.n_heads}", self.n_kv_heads)
-        for i, window in enumerate(self.windows):
-            if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
-                fail(f"{prefix}.windows[{i}]", "a positive int (a local layer's window) or null (a global layer)",
-                     repr(window))
 
     def layer_windows(self) -> tuple:
         """Each layer's attention window (None: its whole document)."""

@@ -3,7 +3,8 @@
 A resumed run compares the checkpoint's saved resolved config with its own, key by key (dotted keys;
 ``deepspeed.extra`` is one value):
 
-* ``CHANGEABLE`` keys (optimizer and schedule, run length, logging, checkpointing, kernels) take their new value,
+* ``CHANGEABLE`` keys (optimizer and schedule, run length, logging, evaluation, checkpointing, kernels) take their
+  new value,
   announced in one line each;
 * ``NOT_COMPARED`` keys (where the run lives, where it resumes from) are not compared;
 * every other key cannot change: the model's shape and numerics, the data and its order (``run.seed`` included:
@@ -14,7 +15,7 @@ A resumed run compares the checkpoint's saved resolved config with its own, key 
 A key the checkpoint's config does not have (added to bbm since) is announced, never an error."""
 from typing import List
 
-CHANGEABLE = ("optimizer.", "schedule.", "metrics.", "wandb.", "checkpoint.", "run.max_steps", "run.device",
+CHANGEABLE = ("optimizer.", "schedule.", "metrics.", "wandb.", "checkpoint.", "eval.", "run.max_steps", "run.device",
               "run.on_nonfinite", "run.max_skips", "data.cache_dir", "data.num_workers", "data.prefetch",
               "deepspeed.gradient_accumulation_steps", "deepspeed.gradient_clipping",
               "deepspeed.activation_checkpointing", "model.fused", "model.bbm_backend")

@@ -155,5 +155,5 @@ def test_local_and_global_layers_with_prefixes_agree_across_backends():
 @pytest.mark.parametrize("key, value", [("windows", [0]), ("windows", [2.5]), ("prefix_fraction", 1.0),
                                         ("prefix_fraction", -0.1)])
 def test_windows_and_prefix_fraction_are_checked(key, value):
-    with pytest.raises(ValueError, match=f"^model.{key}"):
+    with pytest.raises((ValueError, TypeError), match=f"^model.{key}"):
         ModelConfig(**{key: value}).validate()
