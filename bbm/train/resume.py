@@ -4,8 +4,7 @@ A resumed run compares the checkpoint's saved resolved config with its own, key 
 ``deepspeed.extra`` is one value):
 
 * ``CHANGEABLE`` keys (optimizer and schedule, run length, logging, evaluation, checkpointing, kernels) take their
-  new value,
-  announced in one line each;
+  new value, announced in one line each;
 * ``NOT_COMPARED`` keys (where the run lives, where it resumes from) are not compared;
 * every other key cannot change: the model's shape and numerics, the data and its order (``run.seed`` included:
   the data order and random streams continue from the checkpoint, they cannot be re-seeded mid-run), sequence
