@@ -1,4 +1,6 @@
-"""Files that are either whole or absent: written under a temporary name, flushed to disk, then renamed."""
+"""Files that are either whole or absent: written under a temporary name, flushed to disk, then renamed; and their
+checksums."""
+import hashlib
 import os
 from pathlib import Path
 from typing import Union
@@ -28,3 +30,12 @@ def write_atomic(path, data: Union[bytes, str]):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def sha256_file(path, chunk: int = 1 << 22) -> str:
+    """The hex SHA-256 of a file's bytes, read ``chunk`` bytes at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -24,22 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from bbm._checks import fail
-from bbm._files import temp_path, write_atomic
+from bbm._files import sha256_file, temp_path, write_atomic
 
 FORMAT = "bbm-tokens-v2"
 TOKENS, OFFSETS, META, VERIFIED = "tokens.bin", "offsets.npy", "meta.json", "verified.json"
 DATA_FILES = (TOKENS, OFFSETS)
 META_KEYS = ("format", "key", "dtype", "tokenizer", "num_tokens", "num_documents", "files")
-CHUNK = 1 << 22
 RECENT_S = 2
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _again(path: Path) -> str:

@@ -5,7 +5,6 @@ if every listed file is there with its size and hash and no other file is.
 Hashing is shared out over the ranks (rank r hashes files r, r + world, ...; the directory is on a filesystem
 that every rank sees) and gathered, so a save or a check costs each rank 1/world of the reading. Rank 0 alone
 lists the directory (another host's view of a fresh directory may lag) and the others open files by name."""
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -13,19 +12,10 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from bbm._files import fsync_path
+from bbm._files import fsync_path, sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "bbm-checkpoint-v1"
-CHUNK = 1 << 22
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def files_under(directory: Path) -> list:

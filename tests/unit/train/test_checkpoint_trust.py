@@ -9,14 +9,12 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
-import traceback
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[3]
+from helpers.processes import REPO, findings_of, report_findings
+
 PRESET = REPO / "configs" / "tiny_cpu.yaml"
 OVERRIDES = ["run.device=cpu", "run.seq_len=64", "run.micro_batch_size=2", "run.max_steps=4", "model.dim=32",
              "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1", "data.max_documents=20", "optimizer.lr=1e-2",
@@ -121,11 +119,7 @@ def _child(work: Path):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     work = tmp_path_factory.mktemp("trust")
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, __file__, str(work)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    out = json.loads((work / "results.json").read_text())
+    out = findings_of(__file__, work, WANDB_MODE="disabled")
     out["work"] = str(work)
     return out
 
@@ -202,9 +196,4 @@ def test_infeasible_step_is_refused_before_the_first_step(results):
 
 
 if __name__ == "__main__":
-    workdir = Path(sys.argv[1])
-    try:
-        found = _child(workdir)
-    except Exception:  # reported to the tests, which fail with it
-        found = {"crash": traceback.format_exc()}
-    (workdir / "results.json").write_text(json.dumps(found, default=str))
+    report_findings(_child)

@@ -7,20 +7,17 @@ newest checkpoint that verifies and then trains, saving after every step, until 
 random moment; the child then checks every checkpoint directory left. At the end a worker resumes once more and
 trains two steps, and its weights are compared bit for bit with an uninterrupted run of as many steps."""
 import gc
-import json
 import os
 import random
 import select
 import signal
-import subprocess
-import sys
 import time
 import traceback
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[3]
+from helpers.processes import findings_of, report_findings
 TRIALS = 20
 WIDTH = 256  # 4 x 256 x 256 weights: saves of about 1.3 MB of DeepSpeed files
 
@@ -165,12 +162,7 @@ def _lines_until(fd: int, word: bytes, count: int = 1) -> list:
 # ---------------------------------------------------------------------------------------------- the test
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    work = tmp_path_factory.mktemp("killsave")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, __file__, str(work)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    out = json.loads((work / "results.json").read_text())
+    out = findings_of(__file__, tmp_path_factory.mktemp("killsave"), DS_ACCELERATOR="cpu")
     if "crash" in out:
         pytest.fail(out["crash"])
     return out
@@ -195,9 +187,4 @@ def test_resume_after_the_kills_is_bit_identical(results):
 
 
 if __name__ == "__main__":
-    workdir = Path(sys.argv[1])
-    try:
-        found = _child(workdir)
-    except Exception:  # reported to the tests, which fail with it
-        found = {"crash": traceback.format_exc()}
-    (workdir / "results.json").write_text(json.dumps(found, default=str))
+    report_findings(_child)
