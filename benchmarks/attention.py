@@ -105,7 +105,7 @@ def flex_case(mask_mod, q, k, v, grad, n_q, n_k, repeat, row, compile_seconds):
         options = {"BACKEND": "FLASH"}
         flash = lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=gqa, kernel_options=options)
         try:
-            if guarded(lambda: fwd_bwd(flash, q, k, v, grad)(), 240) is not None:
+            if guarded(lambda: fwd_bwd(flash, q, k, v, grad)(), 90) is not None:
                 row["flex_flash_fwd_ms"], row["flex_flash_fwdbwd_ms"] = time_pair(flash, q, k, v, grad, repeat)
         except Exception as e:  # noqa: BLE001 - an unsupported case is reported, not fatal
             row["flex_flash_error"] = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
@@ -137,7 +137,7 @@ def fa4_native_case(name, q, k, v, grad, repeat, row):
     else:
         return
     try:
-        if guarded(lambda: fwd_bwd(fn, q, k, v, grad)(), 240) is not None:
+        if guarded(lambda: fwd_bwd(fn, q, k, v, grad)(), 90) is not None:
             row["fa4_fwd_ms"], row["fa4_fwdbwd_ms"] = time_pair(fn, q, k, v, grad, repeat)
     except Exception as e:  # noqa: BLE001 - an unsupported case is reported, not fatal
         row["fa4_error"] = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
@@ -235,7 +235,7 @@ def run_case(name, n, d, heads, kv_heads, args, dev):
     if row["bbm_backend"] != "fa4" and flash_available() and fa4.supports(q, mask):  # bbm's lists on FA4's kernels
         fa4_fn = lambda q, k, v: bbm.attention(q, k, v, mask, backend="fa4")
         try:
-            if guarded(lambda: fwd_bwd(fa4_fn, q, k, v, grad)(), 240) is not None:
+            if guarded(lambda: fwd_bwd(fa4_fn, q, k, v, grad)(), 90) is not None:
                 row["bbm_fa4_meta_ms"] = wall_ms(lambda: bbm.plan(q, make_mask(), "fa4"), repeat=args.repeat)
                 row["bbm_fa4_fwd_ms"], row["bbm_fa4_fwdbwd_ms"] = time_pair(fa4_fn, q, k, v, grad, args.repeat)
                 with torch.no_grad():
