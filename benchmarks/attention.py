@@ -1,4 +1,5 @@
-"""bbm vs FlexAttention vs SDPA: forward, forward+backward, metadata build, effective TFLOP/s.
+"""bbm vs FlexAttention vs SDPA vs FlashAttention-4: forward, forward+backward, metadata build, effective TFLOP/s.
+(One script of ~400 lines: each peer is one small function, all timed the same way on the same inputs.)
 
     python benchmarks/attention.py [--masks docs,docs4,...] [--sizes 16384,32768] [--dims 128,64]
         [--heads 16] [--kv-heads 16,4] [--layout bhnd|bnhd] [--out benchmarks/results/attention_h100.json] [--sweep fwd,bwd]
@@ -13,7 +14,9 @@ same documents, in its (tokens, heads, D) layout. Every path takes the same (B, 
 memory order or, with --layout bnhd, in (B, N, H, D) memory: the layout a model's projections give
 (x.view(B, N, H, D).transpose(1, 2)). With --layout bhnd, where bbm takes cuDNN's ragged path (which copies such
 inputs into (B, N, H, D) memory) it is also timed on inputs already in that memory (the bnhd columns). --sweep also
-times candidate tile configs.
+times candidate tile configs. Where flash_attn.cute (FlashAttention-4, ``pip install bbm[hopper]``) imports, it adds
+bbm's tile lists on FA4's kernels (``backend="fa4"``), FA4's own window and variable-length entry points, and
+FlexAttention's FLASH backend (the same BlockMask on FA4's kernels).
 """
 import argparse
 import faulthandler

@@ -1,4 +1,5 @@
-"""`Mask`: what may attend to what. The user states the mask; bbm picks the representation.
+"""`Mask`: what may attend to what. The user states the mask; bbm picks the representation. (One class of ~400
+lines: a constructor per kind of mask, and the views every path reads.)
 
 Two representations:
 

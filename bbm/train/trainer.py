@@ -1,6 +1,10 @@
 """The training loop on a DeepSpeed engine: packed batches with one attention mask per micro-batch, evaluation on
 held-out documents, metrics (a log line on stdout and in train.log, metrics.jsonl, W&B, a progress bar on a
-terminal), the resolved config in config.yaml, crash-safe checkpoints, SIGTERM/SIGINT save-and-exit."""
+terminal), the resolved config in config.yaml, crash-safe checkpoints, SIGTERM/SIGINT save-and-exit.
+
+One class of ~500 lines, on purpose: its methods are the phases of one run and share its state (engine, loader,
+groups, run directory); what stands apart lives in the modules it calls (checkpoint, resume, stop, sink, flops,
+profiling, feasibility)."""
 import dataclasses
 import logging
 import math
