@@ -128,15 +128,15 @@ def fa4_native_case(name, q, k, v, grad, repeat, row):
     bnhd = lambda t: t.transpose(1, 2)  # free for the bnhd layout
     if name in ("causal", "window", "window4k"):
         left = -1 if window is None else window - 1
-        fn = lambda q, k, v: flash_attn_func(bnhd(q), bnhd(k), bnhd(v), causal=True, window_size=(left, 0))[0]
+        fn = lambda q, k, v: bnhd(flash_attn_func(bnhd(q), bnhd(k), bnhd(v), causal=True, window_size=(left, 0))[0])
     elif name in ("docs", "docs4", "docs_window") and q.shape[0] == 1:
         counts = torch.unique_consecutive(document_ids(name, q.shape[2], q.device), return_counts=True)[1]
         cu = torch.nn.functional.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
         longest = int(counts.max())
         left = -1 if window is None else window - 1
-        fn = lambda q, k, v: flash_attn_varlen_func(bnhd(q)[0], bnhd(k)[0], bnhd(v)[0], cu_seqlens_q=cu,
-                                                    cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest,
-                                                    causal=True, window_size=(left, 0))[0]
+        fn = lambda q, k, v: bnhd(flash_attn_varlen_func(bnhd(q)[0], bnhd(k)[0], bnhd(v)[0], cu_seqlens_q=cu,
+                                                         cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest,
+                                                         causal=True, window_size=(left, 0))[0][None])
     else:
         return
     try:
