@@ -34,6 +34,7 @@ def test_structured_masks_gpu(dtype, d, kv_heads):
     q, k, v = qkv(2, 16, kv_heads, n, d=d, dtype=dtype, device=CUDA, token_major=True)
     for mask in masks:
         check_flash_rule(run_fa4(mask, d ** -0.5), q, k, v, mask, d ** -0.5)
+    assert bbm.choose_backend(q, masks[2]) == "fa4"  # auto's path for prefix-LM documents on a Hopper GPU
 
 
 def test_causal_with_fewer_queries_and_empty_rows_gpu():
