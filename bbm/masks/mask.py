@@ -289,13 +289,13 @@ class Mask:
         return self.documents is not None and self.window is None and self.prefix is None
 
     def allowed_pairs(self) -> int:
-        """Exact number of allowed (query, key) pairs, summed over the mask's batch and heads (from the host's
-        document spans when a plain document mask has them: no device sync)."""
+        """Exact number of allowed (query, key) pairs, summed over the mask's batch and heads: from the host's
+        document spans where a document mask was built from host ids (no device sync), else from the ranges or the
+        dense mask."""
         if self._causal:
             return self.batch * self.n_q * (self.n_q + 1) // 2
-        if self.plain_documents and self._derived["host_documents"] is not None:
-            length = self.document_spans()[1]
-            return int((length * (length + 1) // 2).sum() if self.documents_causal else (length * length).sum())
+        if self._counts_on_host():
+            return self._document_pairs()
         if self.dense is not None:
             return int(self.dense.sum())
         r = self.ranges.long()
@@ -304,6 +304,29 @@ class Mask:
         overlap = (torch.minimum(r[:, 1], r[:, 3]) - torch.maximum(r[:, 0], r[:, 2])).clamp(min=0)
         overlap = torch.where((len0 > 0) & (len1 > 0), overlap, 0)
         return int((len0 + len1 - overlap).sum())
+
+    def _counts_on_host(self) -> bool:
+        """A document mask whose pairs ``_document_pairs`` counts from host ids (not both a window and a prefix)."""
+        host = self._derived
+        return (self.documents is not None and host["host_documents"] is not None
+                and (self.prefix is None or (host["host_prefix"] is not None and self.window is None))
+                and (self.window is None or self.documents_causal))
+
+    def _document_pairs(self) -> int:
+        """Pairs per document of length L: causal L(L+1)/2, bidirectional L^2; a causal window W caps each query's
+        keys at W; a prefix of P adds what its queries see ahead, P(P-1)/2."""
+        length = self.document_spans()[1]
+        if not self.documents_causal:
+            return int((length * length).sum())
+        if self.window is None:
+            pairs = length * (length + 1) // 2
+        else:
+            w = self.window
+            pairs = torch.where(length <= w, length * (length + 1) // 2, w * (w + 1) // 2 + (length - w) * w)
+        if self.prefix is not None:
+            p = self.prefix_lengths()
+            pairs = pairs + p * (p - 1) // 2
+        return int(pairs.sum())
 
     @property
     def density(self) -> float:

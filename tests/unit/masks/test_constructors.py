@@ -128,3 +128,15 @@ def test_document_prefix_is_a_fraction_of_each_document():
     doc = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 2, 3, 3]])
     assert document_prefix(doc, 0.5).int().tolist() == [[1, 1, 0, 0, 1, 0, 0, 0, 1, 0]]
     assert not document_prefix(doc, 0.0).any()
+
+
+@pytest.mark.parametrize("causal,window,prefixed", [(True, None, False), (False, None, False), (True, 5, False),
+                                                    (False, 3, False), (True, None, True), (True, 4, True)])
+def test_allowed_pairs_counted_on_the_host_equal_the_dense_count(causal, window, prefixed):
+    from bbm.masks.documents import document_prefix
+    from bbm.testing import random_doc_ids
+    doc = random_doc_ids(2, 90, 7, generator=torch.Generator().manual_seed(3))
+    doc[0, 10] = 99  # a one-token document
+    prefix = document_prefix(doc, 0.6) if prefixed else None
+    mask = bbm.Mask.from_documents(doc, causal=causal, window=window, prefix=prefix)
+    assert mask.allowed_pairs() == int(mask.to_dense().sum())
