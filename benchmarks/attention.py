@@ -104,7 +104,7 @@ def flex_case(mask_mod, q, k, v, grad, n_q, n_k, repeat, row, compile_seconds):
     if guarded(lambda: fwd_bwd(fn, q, k, v, grad)(), 120) is None:  # compile forward and backward
         return None
     row["flex_fwd_ms"], row["flex_fwdbwd_ms"] = time_pair(fn, q, k, v, grad, repeat)
-    if flash_available():  # FlexAttention's FLASH backend: the same BlockMask on FlashAttention-4's kernels
+    if fa4.installed():  # FlexAttention's FLASH backend: the same BlockMask on FlashAttention-4's kernels
         options = {"BACKEND": "FLASH"}
         flash = lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=gqa, kernel_options=options)
         try:
@@ -113,11 +113,6 @@ def flex_case(mask_mod, q, k, v, grad, n_q, n_k, repeat, row, compile_seconds):
         except Exception as e:  # noqa: BLE001 - an unsupported case is reported, not fatal
             row["flex_flash_error"] = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
     return fn
-
-
-def flash_available() -> bool:
-    from bbm.attention import fa4
-    return fa4._import() is not None
 
 
 def fa4_native_case(name, q, k, v, grad, repeat, row):
@@ -235,7 +230,7 @@ def run_case(name, n, d, heads, kv_heads, args, dev):
     row["bbm_backend"] = bbm.choose_backend(q, mask)
     fn = lambda q, k, v: bbm.attention(q, k, v, mask)
     row["bbm_fwd_ms"], row["bbm_fwdbwd_ms"] = time_pair(fn, q, k, v, grad, args.repeat)
-    if row["bbm_backend"] != "fa4" and flash_available() and fa4.supports(q, mask):  # bbm's lists on FA4's kernels
+    if row["bbm_backend"] != "fa4" and fa4.installed() and fa4.supports(q, mask):  # bbm's lists on FA4's kernels
         fa4_fn = lambda q, k, v: bbm.attention(q, k, v, mask, backend="fa4")
         try:
             if guarded(lambda: fwd_bwd(fa4_fn, q, k, v, grad)(), 90) is not None:
@@ -262,7 +257,7 @@ def run_case(name, n, d, heads, kv_heads, args, dev):
                 a, b = bbm.attention(q, k, v, mask).float(), flex(q, k, v).float()
                 row["rel_diff_vs_flex"] = ((a - b).norm() / b.norm()).item()
         stage("flex timed")
-    if flash_available():
+    if fa4.installed():
         fa4_native_case(name, q, k, v, grad, args.repeat, row)
     sdpa_cases(mask, q, k, v, grad, args.repeat, args.sdpa_dense_max, row)
     varlen_case(name, n, mask, q, k, v, grad, args.repeat, row)

@@ -34,11 +34,16 @@ def _import():
     return flash_attn_func, BlockSparseTensorsTorch, ranges_mask
 
 
+def installed() -> bool:
+    """Whether flash_attn.cute (FlashAttention-4) and its mask function import."""
+    return _import() is not None
+
+
 def available(q: torch.Tensor) -> bool:
     """Whether FA4's Hopper kernels take queries like ``q``: CUDA, compute capability 9.x, fp16/bf16, head dim 64 or
     128, flash_attn.cute importable."""
     return (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
-            and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in (64, 128) and _import() is not None)
+            and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in (64, 128) and installed())
 
 
 def supports(q: torch.Tensor, mask) -> bool:

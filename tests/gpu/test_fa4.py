@@ -11,7 +11,7 @@ from bbm.testing import random_doc_ids
 from helpers.attention import check_flash_rule, qkv
 
 CUDA = "cuda"
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or fa4._import() is None
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not fa4.installed()
                                 or torch.cuda.get_device_capability()[0] != 9,
                                 reason="needs flash_attn.cute (pip install bbm[hopper]) and a Hopper GPU")
 
