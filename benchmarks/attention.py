@@ -115,20 +115,20 @@ def flex_case(mask_mod, q, k, v, grad, n_q, n_k, repeat, row, compile_seconds):
     return fn
 
 
-def fa4_native_case(name, q, k, v, grad, repeat, row):
+def fa4_native_case(name, mask, q, k, v, grad, repeat, row):
     """FlashAttention-4's own interface where it states the mask: windows and causal through ``window_size``,
     documents through its variable-length entry point (one sample), on the same (B, N, H, D) memory."""
     from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
     window = WINDOWS.get(name)
     bnhd = lambda t: t.transpose(1, 2)  # free for the bnhd layout
     if name in ("causal", "window", "window4k"):
-        left = -1 if window is None else window - 1
+        left = None if window is None else window - 1  # FA4 reads a left side of -1 as no key before the query
         fn = lambda q, k, v: bnhd(flash_attn_func(bnhd(q), bnhd(k), bnhd(v), causal=True, window_size=(left, 0))[0])
     elif name in ("docs", "docs4", "docs_window") and q.shape[0] == 1:
         counts = torch.unique_consecutive(document_ids(name, q.shape[2], q.device), return_counts=True)[1]
         cu = torch.nn.functional.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
         longest = int(counts.max())
-        left = -1 if window is None else window - 1
+        left = None if window is None else window - 1
         fn = lambda q, k, v: bnhd(flash_attn_varlen_func(bnhd(q)[0], bnhd(k)[0], bnhd(v)[0], cu_seqlens_q=cu,
                                                          cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest,
                                                          causal=True, window_size=(left, 0))[0][None])
@@ -137,6 +137,9 @@ def fa4_native_case(name, q, k, v, grad, repeat, row):
     try:
         if guarded(lambda: fwd_bwd(fn, q, k, v, grad)(), 90) is not None:
             row["fa4_fwd_ms"], row["fa4_fwdbwd_ms"] = time_pair(fn, q, k, v, grad, repeat)
+            with torch.no_grad():  # the same mask, stated FA4's way: the outputs agree
+                a, b = bbm.attention(q, k, v, mask).float(), fn(q, k, v).float()
+                row["rel_diff_vs_fa4"] = ((a - b).norm() / b.norm()).item()
     except Exception as e:  # noqa: BLE001 - an unsupported case is reported, not fatal
         row["fa4_error"] = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
 
@@ -210,6 +213,31 @@ def sweep(q, k, v, grad, mask, repeat, row, which):
             print(f"    sweep {key}: {row['sweep'][key]}", flush=True)
 
 
+def path_runs(path, q, mask) -> bool:
+    from bbm.attention import ragged
+    if path == "fa4":
+        return fa4.supports(q, mask)
+    if path == "ragged":
+        return ragged.available(q) and ragged.supports(q, mask)
+    return True
+
+
+def other_path_case(path, q, k, v, grad, mask, make_mask, repeat, row):
+    """One of bbm's paths forced (``backend=path``): its plan's time, forward and forward+backward, and its output's
+    relative difference from auto's."""
+    fn = lambda q, k, v: bbm.attention(q, k, v, mask, backend=path)
+    try:
+        if guarded(lambda: fwd_bwd(fn, q, k, v, grad)(), 90) is None:  # compiles (FA4: a JIT per configuration)
+            return
+        row[f"bbm_{path}_meta_ms"] = wall_ms(lambda: bbm.plan(q, make_mask(), path), repeat=repeat)
+        row[f"bbm_{path}_fwd_ms"], row[f"bbm_{path}_fwdbwd_ms"] = time_pair(fn, q, k, v, grad, repeat)
+        with torch.no_grad():
+            a, b = bbm.attention(q, k, v, mask).float(), fn(q, k, v).float()
+            row[f"rel_diff_{path}"] = ((a - b).norm() / b.norm()).item()
+    except Exception as e:  # noqa: BLE001 - reported, not fatal
+        row[f"bbm_{path}_error"] = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+
+
 def run_case(name, n, d, heads, kv_heads, args, dev):
     make_mask, mask_mod, n_q, n_k = build(name, n, dev)
     g = torch.Generator(device=dev).manual_seed(n + d)
@@ -230,21 +258,9 @@ def run_case(name, n, d, heads, kv_heads, args, dev):
     row["bbm_backend"] = bbm.choose_backend(q, mask)
     fn = lambda q, k, v: bbm.attention(q, k, v, mask)
     row["bbm_fwd_ms"], row["bbm_fwdbwd_ms"] = time_pair(fn, q, k, v, grad, args.repeat)
-    if row["bbm_backend"] != "fa4" and fa4.installed() and fa4.supports(q, mask):  # bbm's lists on FA4's kernels
-        fa4_fn = lambda q, k, v: bbm.attention(q, k, v, mask, backend="fa4")
-        try:
-            if guarded(lambda: fwd_bwd(fa4_fn, q, k, v, grad)(), 90) is not None:
-                row["bbm_fa4_meta_ms"] = wall_ms(lambda: bbm.plan(q, make_mask(), "fa4"), repeat=args.repeat)
-                row["bbm_fa4_fwd_ms"], row["bbm_fa4_fwdbwd_ms"] = time_pair(fa4_fn, q, k, v, grad, args.repeat)
-                with torch.no_grad():
-                    a, b = bbm.attention(q, k, v, mask).float(), fa4_fn(q, k, v).float()
-                    row["rel_diff_fa4"] = ((a - b).norm() / b.norm()).item()
-        except Exception as e:  # noqa: BLE001 - reported, not fatal
-            row["bbm_fa4_error"] = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-    if row["bbm_backend"] != "triton":  # also the Triton kernels themselves, and their metadata alone
-        row["bbm_triton_meta_ms"] = wall_ms(lambda: bbm.plan(q, make_mask(), "triton"), repeat=args.repeat)
-        tri = lambda q, k, v: bbm.attention(q, k, v, mask, backend="triton")
-        row["bbm_triton_fwd_ms"], row["bbm_triton_fwdbwd_ms"] = time_pair(tri, q, k, v, grad, args.repeat)
+    for path in ("fa4", "ragged", "triton"):  # bbm's other paths that take this mask, each with its metadata
+        if path != row["bbm_backend"] and path_runs(path, q, mask):
+            other_path_case(path, q, k, v, grad, mask, make_mask, args.repeat, row)
     if row["bbm_backend"] == "ragged" and args.layout == "bhnd":  # and inputs in a model's memory order: no copies
         qp, kp, vp = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v))
         gp = grad.transpose(1, 2).contiguous().transpose(1, 2)
@@ -258,7 +274,7 @@ def run_case(name, n, d, heads, kv_heads, args, dev):
                 row["rel_diff_vs_flex"] = ((a - b).norm() / b.norm()).item()
         stage("flex timed")
     if fa4.installed():
-        fa4_native_case(name, q, k, v, grad, args.repeat, row)
+        fa4_native_case(name, mask, q, k, v, grad, args.repeat, row)
     sdpa_cases(mask, q, k, v, grad, args.repeat, args.sdpa_dense_max, row)
     varlen_case(name, n, mask, q, k, v, grad, args.repeat, row)
     stage("sdpa and varlen timed")
@@ -282,7 +298,7 @@ def add_rates(row):
             row[key[:-3] + "_tflops"] = flop / (row[key] / 1e3)
     for peer in ("flex", "flex_flash", "fa4", "sdpa_flash", "sdpa_cudnn", "sdpa_dense", "varlen"):
         for what in ("fwd", "fwdbwd"):
-            for path in ("", "triton_", "fa4_", "bnhd_"):
+            for path in ("", "triton_", "fa4_", "ragged_", "bnhd_"):
                 mine, theirs = row.get(f"bbm_{path}{what}_ms"), row.get(f"{peer}_{what}_ms")
                 if mine and theirs:
                     row[f"ratio_{path}{what}_vs_{peer}"] = mine / theirs
@@ -296,6 +312,7 @@ def fmt(x, spec="8.2f"):
 def print_table(rows):
     """fwd+bwd ms of each path and peer, bbm's TFLOP/s (allowed pairs), bbm / Flex."""
     cols = [("bbm", "bbm_fwdbwd_ms"), ("triton", "bbm_triton_fwdbwd_ms"), ("bbm fa4", "bbm_fa4_fwdbwd_ms"),
+            ("cuDNN", "bbm_ragged_fwdbwd_ms"),
             ("flex", "flex_fwdbwd_ms"), ("flexFLASH", "flex_flash_fwdbwd_ms"), ("FA4", "fa4_fwdbwd_ms"),
             ("varlen", "varlen_fwdbwd_ms")]
     print(f"{'mask':>11} {'N':>6} {'D':>3} {'H':>5} {'dens':>5} | " + " ".join(f"{c:>9}" for c, _ in cols)
@@ -321,7 +338,8 @@ def plot(json_path, png_path):
                      key=lambda r: r["n"])
         for key, label in (("bbm_fwdbwd_tflops", "bbm"), ("bbm_triton_fwdbwd_tflops", "bbm Triton"),
                            ("bbm_bnhd_fwdbwd_tflops", "bbm, (B, N, H, D) memory"),
-                           ("bbm_fa4_fwdbwd_tflops", "bbm lists on FA4"), ("flex_fwdbwd_tflops", "FlexAttention"),
+                           ("bbm_fa4_fwdbwd_tflops", "bbm on FA4"), ("bbm_ragged_fwdbwd_tflops", "bbm on cuDNN"),
+                           ("flex_fwdbwd_tflops", "FlexAttention"),
                            ("flex_flash_fwdbwd_tflops", "Flex FLASH"), ("fa4_fwdbwd_tflops", "FlashAttention-4"), ("sdpa_cudnn_fwdbwd_tflops", "SDPA cuDNN"),
                            ("sdpa_flash_fwdbwd_tflops", "SDPA flash"), ("sdpa_dense_fwdbwd_tflops", "SDPA dense mask"),
                            ("varlen_fwdbwd_tflops", "PyTorch varlen")):

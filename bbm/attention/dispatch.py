@@ -3,15 +3,17 @@
 ``backend="auto"`` takes the fastest exact path for the inputs and the mask:
   * no mask, or an exactly causal one (also a document mask with one document per sample), on CUDA ->
     ``sdpa`` (PyTorch's SDPA, its cuDNN kernel first);
-  * documents with a bidirectional prefix (prefix-LM), where FlashAttention-4 is installed (``bbm[hopper]``) on a
-    Hopper GPU -> ``fa4`` (bbm's tile lists on FA4's kernels: one pass instead of cuDNN's two calls);
+  * documents with a bidirectional prefix (prefix-LM), and sliding windows over whole samples, where
+    FlashAttention-4 is installed (``bbm[hopper]``) on a Hopper GPU -> ``fa4`` (for prefixes bbm's tile lists on
+    FA4's block-sparse kernels, one pass instead of cuDNN's two calls; for windows FA4's own local-window kernel);
   * a document mask (causal or not; with a window or a bidirectional prefix on causal documents), where
     cudnn-frontend takes the inputs -> ``ragged`` (every document in one cuDNN call over ragged sequences, two
     calls for a prefix);
   * any other mask on CUDA, and calls inside ``torch.compile``d code -> ``triton`` (bbm's block-sparse kernels);
   * CPU tensors -> ``reference`` (an exact PyTorch loop over the same tile metadata).
-``backend="fa4"`` runs any structured mask on FlashAttention-4's Hopper kernels driven by bbm's tile lists
-(``bbm.attention.fa4``, where ``flash_attn.cute`` is installed). Each path keeps what it derives from a mask (its plan) itself; the Mask is never written.
+``backend="fa4"`` runs any structured mask on FlashAttention-4's Hopper kernels (``bbm.attention.fa4``, where
+``flash_attn.cute`` is installed): document masks without a prefix on its own causal / window kernels, every other
+one driven by bbm's tile lists. Each path keeps what it derives from a mask (its plan) itself; the Mask is never written.
 """
 import math
 from typing import Optional
@@ -88,8 +90,9 @@ def choose_backend(q, mask: Optional[Mask]) -> str:
         return "sdpa" if mask is None or mask.is_causal else "triton"
     if sdpa.supports(mask):
         return "sdpa"
-    if mask.prefix is not None and fa4.supports(q, mask):  # faster than cuDNN's two calls on the H100
-        return "fa4"
+    if fa4.supports(q, mask) and (mask.prefix is not None or (mask.window is not None
+                                                              and fa4.one_document_per_sample(mask))):
+        return "fa4"  # measured faster than cuDNN on the H100 for these two (docs/benchmarks.md)
     if ragged.supports(q, mask):
         return "ragged"
     return "triton"

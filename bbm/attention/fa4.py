@@ -1,5 +1,9 @@
-"""Structured masks on FlashAttention-4's Hopper kernels (``flash_attn.cute``; the optional ``bbm[hopper]`` extra),
-driven by bbm's own metadata.
+"""Structured masks on FlashAttention-4's Hopper kernels (``flash_attn.cute``; the optional ``bbm[hopper]`` extra).
+
+Document masks without a prefix (causal or bidirectional, with or without a window) are what FA4 states itself: its
+causal and local-window kernels, over one sequence per sample where each sample is one document (a plain sliding
+window), else over the documents as variable-length sequences (``cu_seqlens`` from the mask's spans). Every other
+structured mask runs on FA4's block-sparse kernels driven by bbm's own metadata:
 
 FA4 takes block-sparse lists: per query tile, the key tiles to visit with no mask work ("full") and those whose
 elements a mask function decides ("partial"), and the transposed lists for the backward. bbm's tile metadata is
@@ -12,6 +16,7 @@ GQA ratio and layout of the inputs (seconds to a minute each), not per mask or l
 import functools
 import weakref
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -23,15 +28,23 @@ _plans = weakref.WeakKeyDictionary()  # mask -> {batch: Plan}
 
 @functools.cache
 def _import():
-    """(flash_attn_func, BlockSparseTensorsTorch, ranges_mask) or None where FA4 cannot be imported."""
+    """FA4's entry points and bbm's mask function, or None where FA4 cannot be imported."""
     try:
-        from flash_attn.cute import flash_attn_func
+        from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
         from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
 
         from bbm.attention.fa4_mask import ranges_mask
     except Exception:  # noqa: BLE001 - a missing or broken optional dependency only turns this path off
         return None
-    return flash_attn_func, BlockSparseTensorsTorch, ranges_mask
+    return _FA4(flash_attn_func, flash_attn_varlen_func, BlockSparseTensorsTorch, ranges_mask)
+
+
+@dataclass(frozen=True)
+class _FA4:
+    func: object
+    varlen_func: object
+    block_sparse: object
+    ranges_mask: object
 
 
 def installed() -> bool:
@@ -51,6 +64,25 @@ def supports(q: torch.Tensor, mask) -> bool:
     return mask is not None and mask.ranges is not None and mask.perm is None and available(q)
 
 
+def states_itself(mask: Mask) -> bool:
+    """Whether FA4's own causal / local-window kernels state ``mask``: documents without a prefix."""
+    return mask.documents is not None and mask.prefix is None
+
+
+def one_document_per_sample(mask: Mask) -> bool:
+    """A document mask whose every sample is one document (a plain causal mask or sliding window)."""
+    return mask.documents is not None and mask.document_spans()[0].numel() == mask.batch
+
+
+@dataclass(frozen=True)
+class Documents:
+    """The documents of a mask as FA4's variable-length sequences (None: one per sample, no varlen needed)."""
+    cu_seqlens: Optional[torch.Tensor]  # int32 (documents + 1,) offsets into the flattened (B * N) tokens
+    longest: int
+    window_size: tuple  # FA4's (left, right), None for unbounded
+    causal: bool
+
+
 @dataclass(frozen=True)
 class Plan:
     forward: object  # BlockSparseTensorsTorch: per query tile, partial and full key tiles
@@ -65,36 +97,69 @@ def _listed_first(selected: torch.Tensor):
     return count.contiguous(), index.contiguous()
 
 
-def plan(mask: Mask, batch: int) -> Plan:
-    """The block-sparse lists and intervals of ``mask`` for inputs of ``batch`` samples; kept per mask."""
+def plan(mask: Mask, batch: int):
+    """What this path runs ``mask`` with for inputs of ``batch`` samples (``Documents`` or the block-sparse
+    ``Plan``); kept per mask."""
     plans = _plans.setdefault(mask, {})
     if batch not in plans:
-        block_sparse = _import()[1]
-        classes = mask.tile_meta(TILE, TILE).classes.clone()  # (Bm, 1, num_m, num_n)
-        if mask.n_k % TILE:  # FA4 checks no bound in a full tile
-            classes[..., -1] = torch.where(classes[..., -1] == FULL, PARTIAL, classes[..., -1])
-        if mask.n_q % TILE:
-            classes[..., -1, :] = torch.where(classes[..., -1, :] == FULL, PARTIAL, classes[..., -1, :])
-        lists = []
-        for cls in (classes, classes.transpose(-1, -2)):
-            partial_count, partial_index = _listed_first(cls == PARTIAL)
-            full_count, full_index = _listed_first(cls == FULL)
-            lists.append(block_sparse(mask_block_cnt=partial_count, mask_block_idx=partial_index,
-                                      full_block_cnt=full_count, full_block_idx=full_index, block_size=(TILE, TILE)))
-        rows = -(-mask.n_q // TILE) * TILE
-        ranges = torch.nn.functional.pad(mask.ranges, (0, rows - mask.n_q))  # rows past Nq: empty intervals
-        ranges = ranges.expand(batch, 4, rows)  # the mask function reads the row of each sample
-        plans[batch] = Plan(*lists, tuple(ranges[:, j].contiguous() for j in range(4)))
+        plans[batch] = _documents(mask, batch) if states_itself(mask) else _block_sparse(mask, batch)
     return plans[batch]
+
+
+def _documents(mask: Mask, batch: int) -> Documents:
+    left = None if mask.window is None else mask.window - 1  # FA4's window counts keys besides the query's own
+    window = (left, 0) if mask.documents_causal else (left, left)
+    causal = mask.documents_causal and mask.window is None
+    if one_document_per_sample(mask):
+        return Documents(None, mask.n_q, window, causal)
+    first, length = mask.document_spans()
+    if mask.batch == 1 and batch > 1:  # one mask for every sample: its documents repeat in each row
+        first = (first[None] + mask.n_q * torch.arange(batch)[:, None]).flatten()
+        length = length.repeat(batch)
+    cu = torch.cat([first, (first[-1] + length[-1])[None]]).to(torch.int32)
+    return Documents(cu.to(mask.device), int(length.max()), window, causal)
+
+
+def _block_sparse(mask: Mask, batch: int) -> Plan:
+    """The block-sparse lists and intervals of ``mask`` for inputs of ``batch`` samples."""
+    block_sparse = _import().block_sparse
+    classes = mask.tile_meta(TILE, TILE).classes.clone()  # (Bm, 1, num_m, num_n)
+    if mask.n_k % TILE:  # FA4 checks no bound in a full tile
+        classes[..., -1] = torch.where(classes[..., -1] == FULL, PARTIAL, classes[..., -1])
+    if mask.n_q % TILE:
+        classes[..., -1, :] = torch.where(classes[..., -1, :] == FULL, PARTIAL, classes[..., -1, :])
+    lists = []
+    for cls in (classes, classes.transpose(-1, -2)):
+        partial_count, partial_index = _listed_first(cls == PARTIAL)
+        full_count, full_index = _listed_first(cls == FULL)
+        lists.append(block_sparse(mask_block_cnt=partial_count, mask_block_idx=partial_index,
+                                  full_block_cnt=full_count, full_block_idx=full_index, block_size=(TILE, TILE)))
+    rows = -(-mask.n_q // TILE) * TILE
+    ranges = torch.nn.functional.pad(mask.ranges, (0, rows - mask.n_q))  # rows past Nq: empty intervals
+    ranges = ranges.expand(batch, 4, rows)  # the mask function reads the row of each sample
+    return Plan(*lists, tuple(ranges[:, j].contiguous() for j in range(4)))
 
 
 def fa4_attention(q, k, v, mask: Mask, scale: float) -> torch.Tensor:
     """Attention of validated q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D) under a structured ``mask``; the output lies in
     (B, N, H, D) memory."""
-    flash_attn_func, _, ranges_mask = _import()
+    fa = _import()
     p = plan(mask, q.shape[0])
+    b, n = q.shape[0], q.shape[2]
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, N, H, D): free for a model's projections
     q, k, v = (t if t.is_contiguous() else t.contiguous() for t in (q, k, v))
-    out, _ = flash_attn_func(q, k, v, softmax_scale=scale, mask_mod=ranges_mask, aux_tensors=list(p.intervals),
-                             block_sparse_tensors=p.forward, block_sparse_tensors_bwd=p.backward)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    if isinstance(p, Plan):
+        out, _ = fa.func(q, k, v, softmax_scale=scale, mask_mod=fa.ranges_mask, aux_tensors=list(p.intervals),
+                         block_sparse_tensors=p.forward, block_sparse_tensors_bwd=p.backward,
+                         deterministic=deterministic)
+    elif p.cu_seqlens is None:
+        out, _ = fa.func(q, k, v, softmax_scale=scale, causal=p.causal, window_size=p.window_size,
+                         deterministic=deterministic)
+    else:
+        flat = lambda t: t.reshape(b * n, *t.shape[2:])  # noqa: E731 - (B * N, H, D): a view
+        out, _ = fa.varlen_func(flat(q), flat(k), flat(v), cu_seqlens_q=p.cu_seqlens, cu_seqlens_k=p.cu_seqlens,
+                                max_seqlen_q=p.longest, max_seqlen_k=p.longest, softmax_scale=scale,
+                                causal=p.causal, window_size=p.window_size, deterministic=deterministic)
+        out = out.view(b, n, *out.shape[1:])
     return out.transpose(1, 2)

@@ -47,3 +47,33 @@ def test_causal_with_fewer_queries_and_empty_rows_gpu():
     ranges = bbm.Mask.from_ranges(lo, hi, n_k=640)
     q, k, v = qkv(1, 16, 4, 640, d=128, dtype=torch.bfloat16, device=CUDA)
     check_flash_rule(run_fa4(ranges, 0.125), q, k, v, ranges, 0.125)
+
+
+@pytest.mark.parametrize("window", [1, 64, 700, 5000])
+def test_sliding_windows_on_fa4s_own_kernel_gpu(window):
+    n = 3001
+    mask = bbm.Mask.causal(n, window=window, device=CUDA)
+    q, k, v = qkv(2, 16, 4, n, d=128, dtype=torch.bfloat16, device=CUDA, token_major=True)
+    assert isinstance(fa4.plan(mask, 2), fa4.Documents) and fa4.plan(mask, 2).cu_seqlens is None
+    check_flash_rule(run_fa4(mask, 128 ** -0.5), q, k, v, mask, 128 ** -0.5)
+    assert bbm.choose_backend(q, mask) == "fa4"  # auto's path for plain sliding windows on a Hopper GPU
+
+
+@pytest.mark.parametrize("dtype,d,kv_heads", [(torch.bfloat16, 128, 16), (torch.float16, 64, 2)])
+@pytest.mark.parametrize("causal,window", [(True, None), (True, 150), (False, None), (False, 90)])
+def test_documents_as_fa4s_variable_length_sequences_gpu(dtype, d, kv_heads, causal, window):
+    n = 1777
+    doc = documents(2, n, 9, d + kv_heads + (window or 0))
+    doc[:, 100] = doc[:, 99] + 1  # a one-token document
+    doc[:, 101:] += 1
+    mask = bbm.Mask.from_documents(doc, causal=causal, window=window)
+    q, k, v = qkv(2, 16, kv_heads, n, d=d, dtype=dtype, device=CUDA, token_major=True)
+    assert fa4.plan(mask, 2).cu_seqlens is not None
+    check_flash_rule(run_fa4(mask, d ** -0.5), q, k, v, mask, d ** -0.5)
+
+
+def test_one_mask_for_every_sample_gpu():
+    n = 1000
+    mask = bbm.Mask.from_documents(documents(1, n, 6, 7))  # broadcast over the batch of 3
+    q, k, v = qkv(3, 8, 8, n, d=128, dtype=torch.bfloat16, device=CUDA)  # (B, H, N, D) memory: copied
+    check_flash_rule(run_fa4(mask, 0.09), q, k, v, mask, 0.09)

@@ -1,5 +1,6 @@
-"""The block-sparse lists and intervals bbm hands FlashAttention-4 (bbm.attention.fa4), built on the CPU with a
-stand-in for FA4's list type (FA4 itself runs in tests/gpu/test_fa4.py)."""
+"""What bbm hands FlashAttention-4 (bbm.attention.fa4), built on the CPU: the variable-length documents and windows
+of document masks, read back with FA4's own window rule, and the block-sparse lists and intervals of the others (with
+a stand-in for FA4's list type). FA4 itself runs in tests/gpu/test_fa4.py."""
 import types
 
 import pytest
@@ -8,12 +9,13 @@ import torch
 import bbm
 from bbm.attention import fa4
 from bbm.masks import FULL, PARTIAL
+from bbm.masks.documents import document_prefix
 from bbm.testing import random_doc_ids
 
 
 @pytest.fixture
 def stand_in(monkeypatch):
-    monkeypatch.setattr(fa4, "_import", lambda: (None, types.SimpleNamespace, None))
+    monkeypatch.setattr(fa4, "_import", lambda: types.SimpleNamespace(block_sparse=types.SimpleNamespace))
 
 
 def listed(count, index):
@@ -22,8 +24,10 @@ def listed(count, index):
 
 @pytest.mark.parametrize("n", [512, 777])
 def test_lists_are_the_tile_classes_and_edge_tiles_are_partial(stand_in, n):
-    mask = bbm.Mask.from_documents(random_doc_ids(1, n, 6, generator=torch.Generator().manual_seed(n)), window=300)
+    doc = random_doc_ids(1, n, 6, generator=torch.Generator().manual_seed(n))
+    mask = bbm.Mask.from_documents(doc, prefix=document_prefix(doc, 0.3))
     plan = fa4.plan(mask, batch=3)
+    assert isinstance(plan, fa4.Plan)
     classes = mask.tile_meta(128, 128).classes[0, 0]
     for lists, cls in ((plan.forward, classes), (plan.backward, classes.T)):
         assert lists.block_size == (128, 128)
@@ -47,3 +51,53 @@ def test_fa4_refuses_what_it_cannot_run():
     q = torch.randn(1, 2, 8, 64)
     with pytest.raises(ValueError, match="^backend: expected 'fa4' where FlashAttention-4"):
         bbm.attention(q, q, q, bbm.Mask.causal(8), backend="fa4")
+
+
+def fa4_allowed(documents, batch, n):
+    """bool (batch, n, n) of what FA4 attends for a ``Documents`` plan, by FA4's rule: within each sequence, key j
+    for query i iff i - left <= j <= i + right, a side of None unbounded, causal meaning right = 0."""
+    left, right = documents.window_size
+    right = 0 if documents.causal else right
+    cu = documents.cu_seqlens.tolist() if documents.cu_seqlens is not None else [b * n for b in range(batch + 1)]
+    allowed = torch.zeros(batch * n, batch * n, dtype=torch.bool)
+    for start, end in zip(cu[:-1], cu[1:]):
+        i = torch.arange(end - start)[:, None]
+        j = torch.arange(end - start)[None]
+        after_left = j >= i - left if left is not None else torch.ones_like(i == j)
+        before_right = j <= i + right if right is not None else torch.ones_like(i == j)
+        allowed[start:end, start:end] = after_left & before_right
+    return torch.stack([allowed[b * n:(b + 1) * n, b * n:(b + 1) * n] for b in range(batch)])
+
+
+@pytest.mark.parametrize("causal,window", [(True, None), (True, 1), (True, 5), (True, 40), (False, None), (False, 3)])
+@pytest.mark.parametrize("mask_batch", [1, 2])
+def test_documents_run_as_fa4_states_them(causal, window, mask_batch):
+    n, batch = 61, 2
+    doc = random_doc_ids(mask_batch, n, 5, generator=torch.Generator().manual_seed(n + mask_batch))
+    doc[:, 7] = doc[:, 6] + 1  # a one-token document
+    doc[:, 8:] += 1
+    mask = bbm.Mask.from_documents(doc, causal=causal, window=window)
+    plan = fa4.plan(mask, batch)
+    assert isinstance(plan, fa4.Documents) and plan.cu_seqlens.dtype == torch.int32
+    assert plan.longest == int(mask.document_spans()[1].max())
+    assert torch.equal(fa4_allowed(plan, batch, n), mask.to_dense()[:, 0].expand(batch, n, n))
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_one_document_per_sample_needs_no_varlen(window):
+    mask = bbm.Mask.causal(50, window=window) if window else bbm.Mask.from_documents(torch.zeros(3, 50, dtype=torch.int32))
+    plan = fa4.plan(mask, 3)
+    assert plan.cu_seqlens is None and fa4.one_document_per_sample(mask)
+    assert torch.equal(fa4_allowed(plan, 3, 50), mask.to_dense()[:, 0].expand(3, 50, 50))
+
+
+def test_auto_takes_fa4_for_sliding_windows_and_prefixes_only(monkeypatch):
+    """auto's choice on a Hopper GPU with FA4 installed (stood in for: CUDA tensors and FA4 available)."""
+    monkeypatch.setattr(fa4, "available", lambda q: True)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    q = torch.randn(1, 2, 64, 64)
+    doc = random_doc_ids(1, 64, 4, generator=torch.Generator().manual_seed(0))
+    assert bbm.choose_backend(q, bbm.Mask.causal(64, window=16)) == "fa4"
+    assert bbm.choose_backend(q, bbm.Mask.from_documents(doc, prefix=document_prefix(doc, 0.5))) == "fa4"
+    assert bbm.choose_backend(q, bbm.Mask.from_documents(doc, window=16)) != "fa4"
+    assert bbm.choose_backend(q, bbm.Mask.causal(64)) == "sdpa"
