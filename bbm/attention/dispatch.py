@@ -3,17 +3,16 @@
 ``backend="auto"`` takes the fastest exact path for the inputs and the mask:
   * no mask, or an exactly causal one (also a document mask with one document per sample), on CUDA ->
     ``sdpa`` (PyTorch's SDPA, its cuDNN kernel first);
-  * documents with a bidirectional prefix (prefix-LM), and sliding windows over whole samples, where
-    FlashAttention-4 is installed (``bbm[hopper]``) on a Hopper GPU -> ``fa4`` (for prefixes bbm's tile lists on
-    FA4's block-sparse kernels, one pass instead of cuDNN's two calls; for windows FA4's own local-window kernel);
+  * any structured mask (ranges: documents, windows, prefixes, global tokens, ...) where FlashAttention-4 is
+    installed (``bbm[hopper]``) on a Hopper GPU -> ``fa4`` (documents, windows and prefixes on FA4's own causal and
+    window kernels, the others on its block-sparse kernels driven by bbm's tile lists);
   * a document mask (causal or not; with a window or a bidirectional prefix on causal documents), where
     cudnn-frontend takes the inputs -> ``ragged`` (every document in one cuDNN call over ragged sequences, two
     calls for a prefix);
   * any other mask on CUDA, and calls inside ``torch.compile``d code -> ``triton`` (bbm's block-sparse kernels);
   * CPU tensors -> ``reference`` (an exact PyTorch loop over the same tile metadata).
 ``backend="fa4"`` runs any structured mask on FlashAttention-4's Hopper kernels (``bbm.attention.fa4``, where
-``flash_attn.cute`` is installed): document masks without a prefix on its own causal / window kernels, every other
-one driven by bbm's tile lists. Each path keeps what it derives from a mask (its plan) itself; the Mask is never written.
+``flash_attn.cute`` is installed). Each path keeps what it derives from a mask (its plan) itself; the Mask is never written.
 """
 import math
 from typing import Optional
@@ -90,9 +89,8 @@ def choose_backend(q, mask: Optional[Mask]) -> str:
         return "sdpa" if mask is None or mask.is_causal else "triton"
     if sdpa.supports(mask):
         return "sdpa"
-    if fa4.supports(q, mask) and (mask.prefix is not None or (mask.window is not None
-                                                              and fa4.one_document_per_sample(mask))):
-        return "fa4"  # measured faster than cuDNN on the H100 for these two (docs/benchmarks.md)
+    if fa4.supports(q, mask):  # measured faster than cuDNN and the Triton kernels on the H100 (docs/benchmarks.md)
+        return "fa4"
     if ragged.supports(q, mask):
         return "ragged"
     return "triton"

@@ -1,9 +1,16 @@
 """Structured masks on FlashAttention-4's Hopper kernels (``flash_attn.cute``; the optional ``bbm[hopper]`` extra).
 
-Document masks without a prefix (causal or bidirectional, with or without a window) are what FA4 states itself: its
-causal and local-window kernels, over one sequence per sample where each sample is one document (a plain sliding
-window), else over the documents as variable-length sequences (``cu_seqlens`` from the mask's spans). Every other
-structured mask runs on FA4's block-sparse kernels driven by bbm's own metadata:
+Document masks are what FA4 states itself, over the documents as variable-length sequences (``cu_seqlens`` from the
+mask's spans), or over one sequence per sample where each sample is one document (a plain sliding window):
+
+* causal or bidirectional documents, with or without a window: FA4's causal and local-window kernels;
+* causal documents with a bidirectional prefix of P tokens (prefix-LM): two calls on disjoint query rows, each
+  prefix's queries over its keys (``seqused`` = P from each document's start) and the other queries over their
+  whole document, causally with the diagonal aligned bottom-right (query P + i sees keys up to P + i; the queries
+  start P tokens into each document). Neither call writes the other's rows: the outputs are merged row by row, and
+  each call's gradients are taken only from the rows it owns.
+
+Every other structured mask runs on FA4's block-sparse kernels driven by bbm's own metadata:
 
 FA4 takes block-sparse lists: per query tile, the key tiles to visit with no mask work ("full") and those whose
 elements a mask function decides ("partial"), and the transposed lists for the backward. bbm's tile metadata is
@@ -65,8 +72,8 @@ def supports(q: torch.Tensor, mask) -> bool:
 
 
 def states_itself(mask: Mask) -> bool:
-    """Whether FA4's own causal / local-window kernels state ``mask``: documents without a prefix."""
-    return mask.documents is not None and mask.prefix is None
+    """Whether FA4's own causal / local-window kernels state ``mask``: documents (a prefix only on causal ones)."""
+    return mask.documents is not None and (mask.prefix is None or mask.documents_causal)
 
 
 def one_document_per_sample(mask: Mask) -> bool:
@@ -81,6 +88,19 @@ class Documents:
     longest: int
     window_size: tuple  # FA4's (left, right), None for unbounded
     causal: bool
+
+
+@dataclass(frozen=True)
+class Prefixes:
+    """Prefix-LM documents as two of FA4's variable-length calls (see the module's docstring)."""
+    starts: torch.Tensor  # int32 (documents + 1,): each document's first token in the flattened (B * N), then B * N
+    prefix: torch.Tensor  # int32 (documents,): prefix lengths
+    rest_starts: torch.Tensor  # int32 (documents + 1,): each document's first token past its prefix, then B * N
+    rest: torch.Tensor  # int32 (documents,): tokens past the prefix
+    longest: tuple  # the longest document, prefix, rest
+    window_size: tuple  # the rest's window, FA4's (left, 0)
+    prefix_rows: torch.Tensor  # bool (B * N, 1, 1): the queries of a prefix
+    rest_rows: Optional[torch.Tensor]  # bool (B * N, 1, 1): the tokens of documents not all prefix; None: every one
 
 
 @dataclass(frozen=True)
@@ -106,18 +126,102 @@ def plan(mask: Mask, batch: int):
     return plans[batch]
 
 
-def _documents(mask: Mask, batch: int) -> Documents:
+def _spans(mask: Mask, batch: int):
+    """(first, length, prefix length) of every document of ``batch`` samples, int64 on the host; first indexes the
+    flattened (B * N) tokens."""
+    first, length = mask.document_spans()
+    prefix = mask.prefix_lengths()
+    if mask.batch == 1 and batch > 1:  # one mask for every sample: its documents repeat in each row
+        first = (first[None] + mask.n_q * torch.arange(batch)[:, None]).flatten()
+        length, prefix = length.repeat(batch), prefix.repeat(batch)
+    return first, length, prefix
+
+
+def _offsets(first: torch.Tensor, total: int, device) -> torch.Tensor:
+    return torch.cat([first, torch.tensor([total])]).to(torch.int32).to(device)
+
+
+def _documents(mask: Mask, batch: int):
     left = None if mask.window is None else mask.window - 1  # FA4's window counts keys besides the query's own
     window = (left, 0) if mask.documents_causal else (left, left)
+    if mask.prefix is not None:
+        return _prefixes(mask, batch, window)
     causal = mask.documents_causal and mask.window is None
     if one_document_per_sample(mask):
         return Documents(None, mask.n_q, window, causal)
-    first, length = mask.document_spans()
-    if mask.batch == 1 and batch > 1:  # one mask for every sample: its documents repeat in each row
-        first = (first[None] + mask.n_q * torch.arange(batch)[:, None]).flatten()
-        length = length.repeat(batch)
-    cu = torch.cat([first, (first[-1] + length[-1])[None]]).to(torch.int32)
-    return Documents(cu.to(mask.device), int(length.max()), window, causal)
+    first, length, _ = _spans(mask, batch)
+    return Documents(_offsets(first, batch * mask.n_q, mask.device), int(length.max()), window, causal)
+
+
+def _prefixes(mask: Mask, batch: int, window: tuple) -> Prefixes:
+    first, length, prefix = _spans(mask, batch)
+    total, dev = batch * mask.n_q, mask.device
+    rows = torch.zeros(total + 1, dtype=torch.int32)  # +1 at each prefix's start, -1 past its end
+    rows.index_add_(0, first, torch.ones_like(first, dtype=torch.int32))
+    rows.index_add_(0, first + prefix, -torch.ones_like(first, dtype=torch.int32))
+    prefix_rows = rows[:-1].cumsum(0).bool().view(total, 1, 1)
+    rest_rows = None
+    if bool((prefix == length).any()):  # the rest's call may leave the key gradients of such documents unwritten
+        rest_rows = torch.repeat_interleave(prefix < length, length).view(total, 1, 1).to(dev, non_blocking=True)
+    return Prefixes(_offsets(first, total, dev), prefix.to(torch.int32).to(dev), _offsets(first + prefix, total, dev),
+                    (length - prefix).to(torch.int32).to(dev),
+                    (int(length.max()), int(prefix.max()), int((length - prefix).max())), window,
+                    prefix_rows.to(dev, non_blocking=True), rest_rows)
+
+
+class _Merge(torch.autograd.Function):
+    """The rows of ``a`` where ``rows``, else of ``b`` (two calls that each write only their own rows); each call
+    gets the whole output gradient (a call reads only its own rows of it)."""
+
+    @staticmethod
+    def forward(ctx, a, b, rows):
+        return torch.where(rows, a, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad, None
+
+
+class _Share(torch.autograd.Function):
+    """``t`` for two calls that each leave some rows of its gradient unwritten: the first call's are those of
+    ``first_rows``; the second's all others (``second_rows`` None) or (``both``) those of ``second_rows``, which
+    overlap the first's."""
+
+    @staticmethod
+    def forward(ctx, t, first_rows, second_rows, both: bool):
+        ctx.save_for_backward(first_rows, second_rows)
+        ctx.both = both
+        return t.view_as(t), t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, first, second):
+        first_rows, second_rows = ctx.saved_tensors
+        if not ctx.both:
+            return torch.where(first_rows, first, second), None, None, None
+        if second_rows is not None:
+            second = torch.where(second_rows, second, 0)
+        return torch.where(first_rows, first + second, second), None, None, None
+
+
+def _prefix_attention(fa, q, k, v, p: Prefixes, scale: float, deterministic: bool):
+    """The two calls of prefix-LM documents on flattened (B * N, H, D) q, k, v (one where every document is all
+    prefix, or none has one)."""
+    longest, longest_prefix, longest_rest = p.longest
+    prefix = lambda q, k, v: fa.varlen_func(  # noqa: E731
+        q, k, v, cu_seqlens_q=p.starts, cu_seqlens_k=p.starts, seqused_q=p.prefix, seqused_k=p.prefix,
+        max_seqlen_q=longest_prefix, max_seqlen_k=longest_prefix, softmax_scale=scale, deterministic=deterministic)[0]
+    rest = lambda q, k, v: fa.varlen_func(  # noqa: E731
+        q, k, v, cu_seqlens_q=p.rest_starts, cu_seqlens_k=p.starts, seqused_q=p.rest, max_seqlen_q=longest_rest,
+        max_seqlen_k=longest, softmax_scale=scale, causal=p.window_size[0] is None, window_size=p.window_size,
+        deterministic=deterministic)[0]
+    if longest_rest == 0:
+        return prefix(q, k, v)
+    if longest_prefix == 0:
+        return rest(q, k, v)
+    q_prefix, q_rest = _Share.apply(q, p.prefix_rows, None, False)  # each query row belongs to one call
+    k_prefix, k_rest = _Share.apply(k, p.prefix_rows, p.rest_rows, True)  # the rest's call: every key of its document
+    v_prefix, v_rest = _Share.apply(v, p.prefix_rows, p.rest_rows, True)
+    return _Merge.apply(prefix(q_prefix, k_prefix, v_prefix), rest(q_rest, k_rest, v_rest), p.prefix_rows)
 
 
 def _block_sparse(mask: Mask, batch: int) -> Plan:
@@ -153,6 +257,9 @@ def fa4_attention(q, k, v, mask: Mask, scale: float) -> torch.Tensor:
         out, _ = fa.func(q, k, v, softmax_scale=scale, mask_mod=fa.ranges_mask, aux_tensors=list(p.intervals),
                          block_sparse_tensors=p.forward, block_sparse_tensors_bwd=p.backward,
                          deterministic=deterministic)
+    elif isinstance(p, Prefixes):
+        flat = lambda t: t.reshape(b * n, *t.shape[2:])  # noqa: E731 - (B * N, H, D): a view
+        out = _prefix_attention(fa, flat(q), flat(k), flat(v), p, scale, deterministic).view(b, n, *q.shape[2:])
     elif p.cu_seqlens is None:
         out, _ = fa.func(q, k, v, softmax_scale=scale, causal=p.causal, window_size=p.window_size,
                          deterministic=deterministic)

@@ -77,3 +77,21 @@ def test_one_mask_for_every_sample_gpu():
     mask = bbm.Mask.from_documents(documents(1, n, 6, 7))  # broadcast over the batch of 3
     q, k, v = qkv(3, 8, 8, n, d=128, dtype=torch.bfloat16, device=CUDA)  # (B, H, N, D) memory: copied
     check_flash_rule(run_fa4(mask, 0.09), q, k, v, mask, 0.09)
+
+
+@pytest.mark.parametrize("dtype,d,kv_heads", [(torch.bfloat16, 128, 4), (torch.float16, 64, 16)])
+@pytest.mark.parametrize("fraction,window", [(0.5, None), (0.3, 200), (1.0, None), (0.0, None)])
+def test_prefix_lm_documents_as_two_calls_gpu(dtype, d, kv_heads, fraction, window):
+    """Prefix-LM documents as two of FA4's variable-length calls: prefixes of every length (none, a whole document,
+    all documents whole), with a window on the rest, one-token documents, GQA."""
+    n = 2049
+    doc = documents(2, n, 11, d + int(10 * fraction))
+    doc[:, 50] = doc[:, 49] + 1  # a one-token document
+    doc[:, 51:] += 1
+    prefix = document_prefix(doc, fraction)
+    if fraction == 0.5:
+        prefix[1] |= doc[1] == doc[1, -1]  # the last document of the second sample all prefix
+    mask = bbm.Mask.from_documents(doc, window=window, prefix=prefix)
+    q, k, v = qkv(2, 16, kv_heads, n, d=d, dtype=dtype, device=CUDA, token_major=True)
+    assert isinstance(fa4.plan(mask, 2), fa4.Prefixes)
+    check_flash_rule(run_fa4(mask, d ** -0.5), q, k, v, mask, d ** -0.5)

@@ -4,7 +4,7 @@ CUDA GPU)."""
 import pytest
 import torch
 
-from bbm.attention import ragged
+from bbm.attention import fa4, ragged
 
 from bbm.model import Decoder, ModelConfig, build_mask
 from bbm.model.decoder import loss_sum
@@ -75,8 +75,27 @@ def test_model_feeds_ragged_attention_without_copies_gpu(monkeypatch):
         return real(q, k, v, docs, scale)
 
     monkeypatch.setattr(ragged, "ragged_attention", recording)
+    monkeypatch.setattr(fa4, "supports", lambda q, mask: False)  # auto's path where FA4 is not installed
     tokens, labels, pos, doc = (t.to(CUDA) for t in fields(packed_batch(2, 256, 61, 5, 2)))
     cfg = ModelConfig(vocab_size=61, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, init_std=0.2)
     m = Decoder(cfg).to(CUDA, torch.bfloat16)
     m(tokens, pos, build_mask(doc, "bbm"), labels).backward()
+    assert seen == [[True, True, True]] * 2
+
+
+@pytest.mark.skipif(not fa4.installed(), reason="flash_attn.cute (FlashAttention-4) is not installed")
+def test_model_feeds_fa4_without_copies_gpu():
+    """The decoder's q, k and v reach FlashAttention-4's path in (B, N, H, D) memory: what it hands FA4 are views."""
+    seen = []
+
+    def recording(q, k, v, mask, scale, real=fa4.fa4_attention):
+        seen.append([ragged.token_major(t) for t in (q, k, v)])
+        return real(q, k, v, mask, scale)
+
+    tokens, labels, pos, doc = (t.to(CUDA) for t in fields(packed_batch(2, 256, 61, 5, 2)))
+    cfg = ModelConfig(vocab_size=61, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, init_std=0.2)
+    m = Decoder(cfg).to(CUDA, torch.bfloat16)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fa4, "fa4_attention", recording)
+        m(tokens, pos, build_mask(doc, "bbm"), labels).backward()
     assert seen == [[True, True, True]] * 2

@@ -7,7 +7,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import bbm
-from bbm.attention import ragged, sdpa
+from bbm.attention import fa4, ragged, sdpa
 from bbm.masks.documents import document_starts
 from bbm.testing import random_doc_ids
 from helpers.attention import check_flash_rule, qkv
@@ -40,13 +40,18 @@ def run_ragged(mask, scale):
     return lambda q, k, v: bbm.attention(q, k, v, mask, scale=scale, backend="ragged")
 
 
+def auto_path(q, mask):
+    """What auto runs a document mask on: FlashAttention-4's kernels where installed on a Hopper GPU, else cuDNN."""
+    return "fa4" if fa4.supports(q, mask) else "ragged"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d,kv_heads,shared,token_major", [(128, 4, False, True), (64, 2, True, True),
                                                            (128, 1, False, True), (128, 4, True, False)])
 def test_causal_documents_gpu(dtype, d, kv_heads, shared, token_major):
     mask = bbm.Mask.from_documents(documents(1 if shared else 2, 3001, 40, d + kv_heads))
     q, k, v = qkv(2, 8, kv_heads, 3001, d=d, dtype=dtype, device=CUDA, token_major=token_major)
-    assert ragged.available(q) and bbm.choose_backend(q, mask) == "ragged"
+    assert ragged.available(q) and bbm.choose_backend(q, mask) == auto_path(q, mask)
     check_flash_rule(run_ragged(mask, d ** -0.5), q, k, v, mask, d ** -0.5)
 
 
@@ -56,7 +61,7 @@ def test_windowed_documents_gpu(dtype, window, d, kv_heads):
     """A window of one token (each query sees itself), shorter and longer than most documents, longer than all."""
     mask = bbm.Mask.from_documents(documents(2, 3001, 25, window), window=window)
     q, k, v = qkv(2, 8, kv_heads, 3001, d=d, dtype=dtype, device=CUDA, token_major=True, seed=window)
-    assert bbm.choose_backend(q, mask) == "ragged"
+    assert bbm.choose_backend(q, mask) == auto_path(q, mask)
     check_flash_rule(run_ragged(mask, d ** -0.5), q, k, v, mask, d ** -0.5)
 
 
@@ -64,7 +69,7 @@ def test_windowed_documents_gpu(dtype, window, d, kv_heads):
 def test_sliding_window_on_one_sequence_gpu(dtype):
     for mask in (bbm.Mask.sliding_window(4099, 1024, device=CUDA), bbm.Mask.causal(4099, window=333, device=CUDA)):
         q, k, v = qkv(1, 16, 4, 4099, d=128, dtype=dtype, device=CUDA, token_major=True)
-        assert bbm.choose_backend(q, mask) == "ragged"
+        assert bbm.choose_backend(q, mask) == auto_path(q, mask)
         check_flash_rule(run_ragged(mask, 0.1), q, k, v, mask, 0.1)
 
 
@@ -82,7 +87,7 @@ def test_prefix_lm_documents_gpu(dtype, d, kv_heads, shared):
     doc = documents(1 if shared else 2, 3001, 30, d + kv_heads)
     mask = bbm.Mask.from_documents(doc, prefix=random_prefix(doc, d))
     q, k, v = qkv(2, 8, kv_heads, 3001, d=d, dtype=dtype, device=CUDA, token_major=True, seed=kv_heads)
-    assert len(ragged.plan(mask, 2)) == 2 and bbm.choose_backend(q, mask) == "ragged"
+    assert len(ragged.plan(mask, 2)) == 2 and bbm.choose_backend(q, mask) == auto_path(q, mask)
     check_flash_rule(run_ragged(mask, d ** -0.5), q, k, v, mask, d ** -0.5)
     one = bbm.Mask.prefix_lm(3001, 1234, device=CUDA)
     check_flash_rule(run_ragged(one, 0.1), q[:1], k[:1], v[:1], one, 0.1)

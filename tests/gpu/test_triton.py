@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import bbm
-from bbm.attention import ragged
+from bbm.attention import fa4, ragged
 from bbm.testing import random_doc_ids
 from helpers.attention import assert_tiles_match_cpu, check_flash_rule, qkv
 
@@ -56,12 +56,13 @@ def test_metadata_kernels_match_cpu():
 
 
 def test_inductor_compile_fullgraph():
-    """A compiled graph takes the Triton custom op; eager auto takes cuDNN's ragged path (with cudnn-frontend):
-    the two agree."""
+    """A compiled graph takes the Triton custom op; eager auto takes FA4's or cuDNN's kernels where installed: the
+    two agree."""
     short = random_doc_ids(1, 500, 5, generator=torch.Generator().manual_seed(4), device=CUDA)
     mask = bbm.Mask.from_documents(torch.cat([torch.full((1, 2500), 99, device=CUDA, dtype=short.dtype), short], 1))
     q, k, v = qkv(1, 16, 4, 3000, 3000, 128, torch.bfloat16, CUDA)
-    assert bbm.choose_backend(q, mask) == ("ragged" if ragged.frontend() else "triton")
+    eager = "fa4" if fa4.supports(q, mask) else "ragged" if ragged.frontend() else "triton"
+    assert bbm.choose_backend(q, mask) == eager
     f = lambda q, k, v: bbm.attention(q, k, v, mask).float().square().sum()
     want = torch.autograd.grad(f(q, k, v), (q, k, v))
     got = torch.autograd.grad(torch.compile(f, fullgraph=True)(q, k, v), (q, k, v))
@@ -80,7 +81,7 @@ def test_causal_dispatches_to_sdpa():
 
 def test_nan_propagates_gpu():
     """A NaN in one query reaches its row's output and gradient on the Triton and the cuDNN path, as in SDPA."""
-    from bbm.attention import ragged
+    from bbm.attention import fa4, ragged
 
     q, k, v = qkv(1, 4, 2, 300, 300, 64, torch.bfloat16, CUDA, token_major=True)
     q.data[0, 1, 7, 3] = float("nan")
