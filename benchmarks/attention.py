@@ -14,8 +14,9 @@ same documents, in its (tokens, heads, D) layout. Every path takes the same (B, 
 memory order or, with --layout bnhd, in (B, N, H, D) memory: the layout a model's projections give
 (x.view(B, N, H, D).transpose(1, 2)). With --layout bhnd, where bbm takes cuDNN's ragged path (which copies such
 inputs into (B, N, H, D) memory) it is also timed on inputs already in that memory (the bnhd columns). --sweep also
-times candidate tile configs. Where flash_attn.cute (FlashAttention-4, ``pip install bbm[hopper]``) imports, it adds
-bbm's tile lists on FA4's kernels (``backend="fa4"``), FA4's own window and variable-length entry points, and
+times candidate tile configs. bbm's other paths that take the mask (``fa4``, ``ragged``, ``triton``) are timed forced,
+with their output's difference from ``auto``'s. Where flash_attn.cute (FlashAttention-4, ``pip install bbm[hopper]``)
+imports, it adds FA4's own window and variable-length entry points (their output checked against bbm's) and
 FlexAttention's FLASH backend (the same BlockMask on FA4's kernels).
 """
 import argparse

@@ -107,13 +107,13 @@ def test_masks_from_host_ids_plan_and_attend_without_a_device_sync_gpu():
     doc = random_doc_ids(2, 3001, 30, generator=torch.Generator().manual_seed(11))
     q, k, v = qkv(2, 8, 4, 3001, d=128, dtype=torch.bfloat16, device=CUDA, token_major=True)
     g = torch.randn_like(q)
-    bbm.attention(q, k, v, bbm.Mask.from_documents(doc, device=CUDA)).backward(g)  # builds the graphs
+    bbm.attention(q, k, v, bbm.Mask.from_documents(doc, device=CUDA), backend="ragged").backward(g)  # builds graphs
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         mask = bbm.Mask.from_documents(doc, check=False, device=CUDA)
         (call,) = ragged.plan(mask, batch=2)
-        out = bbm.attention(q, k, v, mask)
+        out = bbm.attention(q, k, v, mask, backend="ragged")
         out.backward(g)
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -122,7 +122,7 @@ def test_masks_from_host_ids_plan_and_attend_without_a_device_sync_gpu():
     assert mask.device.type == CUDA and torch.equal(mask.ranges, on_device.ranges)
     assert (call.count, call.longest_q) == (want.count, want.longest_q)
     assert torch.equal(call.q_first, want.q_first) and torch.equal(call.len_q, want.len_q)
-    check_flash_rule(lambda q, k, v: bbm.attention(q, k, v, mask), q, k, v, mask, 128 ** -0.5)
+    check_flash_rule(lambda q, k, v: bbm.attention(q, k, v, mask, backend="ragged"), q, k, v, mask, 128 ** -0.5)
 
 
 @pytest.mark.parametrize("prefixed", [False, True])
