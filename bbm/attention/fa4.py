@@ -30,7 +30,7 @@ import torch
 from bbm.masks import FULL, PARTIAL, Mask
 
 TILE = 128  # FA4's sm90 tile for head dims 64 and 128, forward and backward
-_plans = weakref.WeakKeyDictionary()  # mask -> {batch: Plan}
+_plans = weakref.WeakKeyDictionary()  # mask -> {batch: Documents, Prefixes or TileLists}
 
 
 @functools.cache
@@ -104,7 +104,8 @@ class Prefixes:
 
 
 @dataclass(frozen=True)
-class Plan:
+class TileLists:
+    """bbm's tile lists as FA4's block-sparse tensors, and the intervals its mask function reads."""
     forward: object  # BlockSparseTensorsTorch: per query tile, partial and full key tiles
     backward: object  # the same per key tile
     intervals: tuple  # lo0, hi0, lo1, hi1: int32 (B, Nq padded to whole tiles)
@@ -118,8 +119,8 @@ def _listed_first(selected: torch.Tensor):
 
 
 def plan(mask: Mask, batch: int):
-    """What this path runs ``mask`` with for inputs of ``batch`` samples (``Documents`` or the block-sparse
-    ``Plan``); kept per mask."""
+    """What this path runs ``mask`` with for inputs of ``batch`` samples (``Documents``, ``Prefixes`` or
+    ``TileLists``); kept per mask."""
     plans = _plans.setdefault(mask, {})
     if batch not in plans:
         plans[batch] = _documents(mask, batch) if states_itself(mask) else _block_sparse(mask, batch)
@@ -224,7 +225,7 @@ def _prefix_attention(fa, q, k, v, p: Prefixes, scale: float, deterministic: boo
     return _Merge.apply(prefix(q_prefix, k_prefix, v_prefix), rest(q_rest, k_rest, v_rest), p.prefix_rows)
 
 
-def _block_sparse(mask: Mask, batch: int) -> Plan:
+def _block_sparse(mask: Mask, batch: int) -> TileLists:
     """The block-sparse lists and intervals of ``mask`` for inputs of ``batch`` samples."""
     block_sparse = _import().block_sparse
     classes = mask.tile_meta(TILE, TILE).classes.clone()  # (Bm, 1, num_m, num_n)
@@ -241,7 +242,7 @@ def _block_sparse(mask: Mask, batch: int) -> Plan:
     rows = -(-mask.n_q // TILE) * TILE
     ranges = torch.nn.functional.pad(mask.ranges, (0, rows - mask.n_q))  # rows past Nq: empty intervals
     ranges = ranges.expand(batch, 4, rows)  # the mask function reads the row of each sample
-    return Plan(*lists, tuple(ranges[:, j].contiguous() for j in range(4)))
+    return TileLists(*lists, tuple(ranges[:, j].contiguous() for j in range(4)))
 
 
 def fa4_attention(q, k, v, mask: Mask, scale: float) -> torch.Tensor:
@@ -253,18 +254,17 @@ def fa4_attention(q, k, v, mask: Mask, scale: float) -> torch.Tensor:
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, N, H, D): free for a model's projections
     q, k, v = (t if t.is_contiguous() else t.contiguous() for t in (q, k, v))
     deterministic = torch.are_deterministic_algorithms_enabled()
-    if isinstance(p, Plan):
+    flat = lambda t: t.reshape(b * n, *t.shape[2:])  # noqa: E731 - (B * N, H, D): a view
+    if isinstance(p, TileLists):
         out, _ = fa.func(q, k, v, softmax_scale=scale, mask_mod=fa.ranges_mask, aux_tensors=list(p.intervals),
                          block_sparse_tensors=p.forward, block_sparse_tensors_bwd=p.backward,
                          deterministic=deterministic)
     elif isinstance(p, Prefixes):
-        flat = lambda t: t.reshape(b * n, *t.shape[2:])  # noqa: E731 - (B * N, H, D): a view
         out = _prefix_attention(fa, flat(q), flat(k), flat(v), p, scale, deterministic).view(b, n, *q.shape[2:])
     elif p.cu_seqlens is None:
         out, _ = fa.func(q, k, v, softmax_scale=scale, causal=p.causal, window_size=p.window_size,
                          deterministic=deterministic)
     else:
-        flat = lambda t: t.reshape(b * n, *t.shape[2:])  # noqa: E731 - (B * N, H, D): a view
         out, _ = fa.varlen_func(flat(q), flat(k), flat(v), cu_seqlens_q=p.cu_seqlens, cu_seqlens_k=p.cu_seqlens,
                                 max_seqlen_q=p.longest, max_seqlen_k=p.longest, softmax_scale=scale,
                                 causal=p.causal, window_size=p.window_size, deterministic=deterministic)

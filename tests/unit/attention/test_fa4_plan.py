@@ -27,7 +27,7 @@ def listed(count, index):
 def test_lists_are_the_tile_classes_and_edge_tiles_are_partial(stand_in, n):
     mask = bbm.Mask.global_tokens(n, 30, 300)
     plan = fa4.plan(mask, batch=3)
-    assert isinstance(plan, fa4.Plan)
+    assert isinstance(plan, fa4.TileLists)
     classes = mask.tile_meta(128, 128).classes[0, 0]
     for lists, cls in ((plan.forward, classes), (plan.backward, classes.T)):
         assert lists.block_size == (128, 128)
