@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from bbm._tensors import to_device
 from bbm.masks import FULL, PARTIAL, Mask
 
 TILE = 128  # FA4's sm90 tile for head dims 64 and 128, forward and backward
@@ -128,8 +129,9 @@ def plan(mask: Mask, batch: int):
 
 
 def _spans(mask: Mask, batch: int):
-    """(first, length, prefix length) of every document of ``batch`` samples, int64 on the host; first indexes the
-    flattened (B * N) tokens."""
+    """(first, length, prefix length) of every document of ``batch`` samples, int64 on the host (read once per mask;
+    no device sync for a mask built from host ids); first indexes the flattened (B * N) tokens. What the plans send
+    to the GPU goes through pinned memory without waiting for it."""
     first, length = mask.document_spans()
     prefix = mask.prefix_lengths()
     if mask.batch == 1 and batch > 1:  # one mask for every sample: its documents repeat in each row
@@ -139,7 +141,7 @@ def _spans(mask: Mask, batch: int):
 
 
 def _offsets(first: torch.Tensor, total: int, device) -> torch.Tensor:
-    return torch.cat([first, torch.tensor([total])]).to(torch.int32).to(device)
+    return to_device(torch.cat([first, torch.tensor([total])]).to(torch.int32), device)
 
 
 def _documents(mask: Mask, batch: int):
@@ -163,11 +165,11 @@ def _prefixes(mask: Mask, batch: int, window: tuple) -> Prefixes:
     prefix_rows = rows[:-1].cumsum(0).bool().view(total, 1, 1)
     rest_rows = None
     if bool((prefix == length).any()):  # the rest's call may leave the key gradients of such documents unwritten
-        rest_rows = torch.repeat_interleave(prefix < length, length).view(total, 1, 1).to(dev, non_blocking=True)
-    return Prefixes(_offsets(first, total, dev), prefix.to(torch.int32).to(dev), _offsets(first + prefix, total, dev),
-                    (length - prefix).to(torch.int32).to(dev),
+        rest_rows = to_device(torch.repeat_interleave(prefix < length, length).view(total, 1, 1), dev)
+    return Prefixes(_offsets(first, total, dev), to_device(prefix.to(torch.int32), dev),
+                    _offsets(first + prefix, total, dev), to_device((length - prefix).to(torch.int32), dev),
                     (int(length.max()), int(prefix.max()), int((length - prefix).max())), window,
-                    prefix_rows.to(dev, non_blocking=True), rest_rows)
+                    to_device(prefix_rows, dev), rest_rows)
 
 
 class _Merge(torch.autograd.Function):

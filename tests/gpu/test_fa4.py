@@ -95,3 +95,24 @@ def test_prefix_lm_documents_as_two_calls_gpu(dtype, d, kv_heads, fraction, wind
     q, k, v = qkv(2, 16, kv_heads, n, d=d, dtype=dtype, device=CUDA, token_major=True)
     assert isinstance(fa4.plan(mask, 2), fa4.Prefixes)
     check_flash_rule(run_fa4(mask, d ** -0.5), q, k, v, mask, d ** -0.5)
+
+
+@pytest.mark.filterwarnings("ignore:Synchronization debug mode")
+@pytest.mark.parametrize("prefixed", [False, True])
+def test_masks_from_host_ids_plan_and_attend_without_a_device_sync_gpu(prefixed):
+    """A training micro-batch's mask from the host's ids: its plan and attention (forward and backward, after the first
+    call compiled the kernels) never wait for the GPU."""
+    doc = random_doc_ids(2, 3001, 30, generator=torch.Generator().manual_seed(11))
+    prefix = document_prefix(doc, 0.5) if prefixed else None
+    q, k, v = qkv(2, 8, 4, 3001, d=128, dtype=torch.bfloat16, device=CUDA, token_major=True)
+    g = torch.randn_like(q)
+    bbm.attention(q, k, v, bbm.Mask.from_documents(doc, prefix=prefix, device=CUDA), backend="fa4").backward(g)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mask = bbm.Mask.from_documents(doc, prefix=prefix, check=False, device=CUDA)
+        bbm.plan(q, mask, "fa4")
+        bbm.attention(q, k, v, mask, backend="fa4").backward(g)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    check_flash_rule(run_fa4(mask, 128 ** -0.5), q, k, v, mask, 128 ** -0.5)
