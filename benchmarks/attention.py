@@ -55,6 +55,17 @@ def fwd_bwd(fn, q, k, v, grad):
     return lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), grad)
 
 
+def rel_diff(a, b) -> float:
+    """Relative difference of two outputs, as a whole (norm of the difference over the norm of ``b``)."""
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def first_line(e: Exception, width: int = 200) -> str:
+    """An error as one short line for the results file."""
+    return str(e).splitlines()[0][:width] if str(e) else type(e).__name__
+
+
 class TimedOut(Exception):
     pass
 
@@ -112,7 +123,7 @@ def flex_case(mask_mod, q, k, v, grad, n_q, n_k, repeat, row, compile_seconds):
             if guarded(lambda: fwd_bwd(flash, q, k, v, grad)(), 90) is not None:
                 row["flex_flash_fwd_ms"], row["flex_flash_fwdbwd_ms"] = time_pair(flash, q, k, v, grad, repeat)
         except Exception as e:  # noqa: BLE001 - an unsupported case is reported, not fatal
-            row["flex_flash_error"] = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            row["flex_flash_error"] = first_line(e)
     return fn
 
 
@@ -139,10 +150,9 @@ def fa4_native_case(name, mask, q, k, v, grad, repeat, row):
         if guarded(lambda: fwd_bwd(fn, q, k, v, grad)(), 90) is not None:
             row["fa4_fwd_ms"], row["fa4_fwdbwd_ms"] = time_pair(fn, q, k, v, grad, repeat)
             with torch.no_grad():  # the same mask, stated FA4's way: the outputs agree
-                a, b = bbm.attention(q, k, v, mask).float(), fn(q, k, v).float()
-                row["rel_diff_vs_fa4"] = ((a - b).norm() / b.norm()).item()
+                row["rel_diff_vs_fa4"] = rel_diff(bbm.attention(q, k, v, mask), fn(q, k, v))
     except Exception as e:  # noqa: BLE001 - an unsupported case is reported, not fatal
-        row["fa4_error"] = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        row["fa4_error"] = first_line(e)
 
 
 def sdpa_cases(mask, q, k, v, grad, repeat, dense_max, row):
@@ -157,7 +167,7 @@ def sdpa_cases(mask, q, k, v, grad, repeat, dense_max, row):
             try:
                 row[f"sdpa_{name}_fwd_ms"], row[f"sdpa_{name}_fwdbwd_ms"] = time_pair(fn, q, k, v, grad, repeat)
             except RuntimeError as e:  # backend unavailable for these inputs
-                row[f"sdpa_{name}_error"] = str(e).splitlines()[0][:200]
+                row[f"sdpa_{name}_error"] = first_line(e)
     elif max(mask.n_q, mask.n_k) <= dense_max:
         allowed = mask.to_dense()
         fn = lambda q, k, v: bbm.attention(q, k, v, bbm.Mask.from_dense(allowed), backend="sdpa")
@@ -184,11 +194,10 @@ def varlen_case(name, n, mask, q, k, v, grad, repeat, row):
     try:
         row["varlen_fwd_ms"], row["varlen_fwdbwd_ms"] = time_pair(fn, qv, kv, vv, gv, repeat)
     except RuntimeError as e:  # no varlen kernel for these inputs
-        row["varlen_error"] = str(e).splitlines()[0][:200]
+        row["varlen_error"] = first_line(e)
         return
     with torch.no_grad():
-        a, b = bbm.attention(q, k, v, mask).float(), fn(qv, kv, vv).transpose(0, 1)[None].float()
-        row["rel_diff_vs_varlen"] = ((a - b).norm() / b.norm()).item()
+        row["rel_diff_vs_varlen"] = rel_diff(bbm.attention(q, k, v, mask), fn(qv, kv, vv).transpose(0, 1)[None])
 
 
 def sweep(q, k, v, grad, mask, repeat, row, which):
@@ -207,10 +216,10 @@ def sweep(q, k, v, grad, mask, repeat, row, which):
                    f" | bwd {cfg.big}/{cfg.small} w{cfg.bwd_warps} s{cfg.bwd_stages}")
             try:
                 got = guarded(lambda: outputs(run(cfg)), 180)
-                diff = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(got, want))
+                diff = max(rel_diff(a, b) for a, b in zip(got, want))
                 row["sweep"][key] = time_pair(run(cfg), q, k, v, grad, repeat) + (diff,)
             except Exception as e:  # noqa: BLE001 - a config that fails to compile is reported, not fatal
-                row["sweep"][key] = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+                row["sweep"][key] = first_line(e, 160)
             print(f"    sweep {key}: {row['sweep'][key]}", flush=True)
 
 
@@ -233,10 +242,9 @@ def other_path_case(path, q, k, v, grad, mask, make_mask, repeat, row):
         row[f"bbm_{path}_meta_ms"] = wall_ms(lambda: bbm.plan(q, make_mask(), path), repeat=repeat)
         row[f"bbm_{path}_fwd_ms"], row[f"bbm_{path}_fwdbwd_ms"] = time_pair(fn, q, k, v, grad, repeat)
         with torch.no_grad():
-            a, b = bbm.attention(q, k, v, mask).float(), fn(q, k, v).float()
-            row[f"rel_diff_{path}"] = ((a - b).norm() / b.norm()).item()
+            row[f"rel_diff_{path}"] = rel_diff(bbm.attention(q, k, v, mask), fn(q, k, v))
     except Exception as e:  # noqa: BLE001 - reported, not fatal
-        row[f"bbm_{path}_error"] = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        row[f"bbm_{path}_error"] = first_line(e)
 
 
 def run_case(name, n, d, heads, kv_heads, args, dev):
@@ -271,8 +279,7 @@ def run_case(name, n, d, heads, kv_heads, args, dev):
         flex = flex_case(mask_mod, q, k, v, grad, n_q, n_k, args.repeat, row, args.blockmask_compile_seconds)
         if flex is not None:  # the two outputs agree (a correctness check at full size)
             with torch.no_grad():
-                a, b = bbm.attention(q, k, v, mask).float(), flex(q, k, v).float()
-                row["rel_diff_vs_flex"] = ((a - b).norm() / b.norm()).item()
+                row["rel_diff_vs_flex"] = rel_diff(bbm.attention(q, k, v, mask), flex(q, k, v))
         stage("flex timed")
     if fa4.installed():
         fa4_native_case(name, mask, q, k, v, grad, args.repeat, row)

@@ -77,11 +77,6 @@ def states_itself(mask: Mask) -> bool:
     return mask.documents is not None and (mask.prefix is None or mask.documents_causal)
 
 
-def one_document_per_sample(mask: Mask) -> bool:
-    """A document mask whose every sample is one document (a plain causal mask or sliding window)."""
-    return mask.documents is not None and mask.document_spans()[0].numel() == mask.batch
-
-
 @dataclass(frozen=True)
 class Documents:
     """The documents of a mask as FA4's variable-length sequences (None: one per sample, no varlen needed)."""
@@ -150,7 +145,7 @@ def _documents(mask: Mask, batch: int):
     if mask.prefix is not None:
         return _prefixes(mask, batch, window)
     causal = mask.documents_causal and mask.window is None
-    if one_document_per_sample(mask):
+    if mask.one_document_per_sample:  # a plain causal mask or sliding window
         return Documents(None, mask.n_q, window, causal)
     first, length, _ = _spans(mask, batch)
     return Documents(_offsets(first, batch * mask.n_q, mask.device), int(length.max()), window, causal)

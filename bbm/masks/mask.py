@@ -281,7 +281,12 @@ class Mask:
         document spans: a device sync for a mask built from ids on a GPU, once)."""
         if self._causal:
             return True
-        return self.plain_documents and self.documents_causal and self.document_spans()[0].numel() == self.batch
+        return self.plain_documents and self.documents_causal and self.one_document_per_sample
+
+    @property
+    def one_document_per_sample(self) -> bool:
+        """Built from document ids, each sample one document (reads the document spans: see ``exactly_causal``)."""
+        return self.documents is not None and self.document_spans()[0].numel() == self.batch
 
     @property
     def plain_documents(self) -> bool:

@@ -87,7 +87,7 @@ def test_documents_run_as_fa4_states_them(causal, window, mask_batch):
 def test_one_document_per_sample_needs_no_varlen(window):
     mask = bbm.Mask.causal(50, window=window) if window else bbm.Mask.from_documents(torch.zeros(3, 50, dtype=torch.int32))
     plan = fa4.plan(mask, 3)
-    assert plan.cu_seqlens is None and fa4.one_document_per_sample(mask)
+    assert plan.cu_seqlens is None and mask.one_document_per_sample
     assert torch.equal(fa4_allowed(plan, 3, 50), mask.to_dense()[:, 0].expand(3, 50, 50))
 
 
