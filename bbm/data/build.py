@@ -108,7 +108,8 @@ def _encoded(batches, tokenizer: str, dtype, num_workers: int):
         _init_worker(tokenizer, dtype)
         yield from map(_encode, batches)
         return
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    # Workers start from a fork server, never from this process, which may hold threads by now (tqdm, pyarrow)
+    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
     with ctx.Pool(num_workers, _init_worker, (tokenizer, dtype)) as pool:
         pending = deque()
         for batch in batches:

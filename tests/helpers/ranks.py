@@ -3,6 +3,7 @@ joined by torch's threaded process group (``run_threads``: ranks that share a co
 import os
 import tempfile
 import threading
+import time
 import traceback
 from datetime import timedelta
 
@@ -11,14 +12,23 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-
-def run(fn, world_size: int, *args):
-    """``fn(rank, world_size, *args)`` in ``world_size`` spawned processes; a failure in any re-raises here.
-    Forked, not spawned: the children inherit the imported modules instead of importing torch again (seconds
-    each on the 2-core CI); like DataLoader workers they use one intra-op thread, which keeps fork safe."""
+def run(fn, world_size: int, *args, limit_s: float = 300):
+    """``fn(rank, world_size, *args)`` in ``world_size`` processes; a failure in any re-raises here, and ranks
+    still running after ``limit_s`` seconds are killed and reported. The processes come from a fork server that
+    imported torch and bbm once, before this process had threads (forking pytest itself, which by then holds
+    threads of OpenMP, pyarrow's jemalloc and tqdm, can deadlock a child). Each rank uses one intra-op thread."""
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "bbm", "helpers.ranks"])
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_entry, args=(fn, world_size, os.path.join(tmp, "store"), args), nprocs=world_size,
-                           join=True, start_method="fork")
+        ranks = mp.start_processes(_entry, args=(fn, world_size, os.path.join(tmp, "store"), args),
+                                   nprocs=world_size, join=False, start_method="forkserver")
+        deadline = time.monotonic() + limit_s
+        while not ranks.join(timeout=max(0.0, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                running = [rank for rank, p in enumerate(ranks.processes) if p.is_alive()]
+                for p in ranks.processes:
+                    p.kill()
+                raise TimeoutError(f"{fn.__name__}: ranks {running} of {world_size} still ran after {limit_s} s")
 
 
 def _entry(rank, fn, world_size, store, args):
