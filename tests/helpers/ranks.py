@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 
 def run(fn, world_size: int, *args, limit_s: float = 300):
     """``fn(rank, world_size, *args)`` in ``world_size`` processes; a failure in any re-raises here, and ranks
-    still running after ``limit_s`` seconds are killed and reported. The processes come from a fork server that
-    imported torch and bbm once, before this process had threads (forking pytest itself, which by then holds
+    still running after ``limit_s`` seconds are killed and reported. The processes fork from a fork server, a
+    fresh interpreter without threads that imports torch and bbm once (forking pytest itself, which by then holds
     threads of OpenMP, pyarrow's jemalloc and tqdm, can deadlock a child). Each rank uses one intra-op thread."""
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(["torch", "bbm", "helpers.ranks"])
